@@ -1,0 +1,28 @@
+# Two commands for a new user:  `make demo` (the comparison table on the built-in data) and
+# `make test`. Both build .venv first if it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Without an NVIDIA GPU, pin the CPU build of torch that machines like ours carry locally
+# (plain `torch` would pull the multi-GB CUDA build); with a GPU, pip picks the normal CUDA build.
+TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c .ci/constraints-cpu.txt)
+
+.PHONY: demo test env clean
+
+$(STAMP): pyproject.toml .ci/constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_PIN) -e '.[extract,dev]'
+	$(BIN)/python -m pip install -q --no-deps openai-whisper
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python cli.py compare --cache av --seeds 3 --epochs 30 --name demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs data/builtin

@@ -1,0 +1,67 @@
+"""Speed of stage two on the built-in `av` data: seconds per epoch and 100-epoch wall time per method.
+
+Also measures this machine's fp32 matmul rate on the head's shapes in the same run, so the
+result can be read as a ratio to the arithmetic bound (these machines are shared and noisy).
+
+    .venv/bin/python benchmarks/bench_heads.py [--methods concat,...] [--epochs 100]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cache.synthetic import builtin_cache  # noqa: E402
+from heads.core import TrainConfig, fit  # noqa: E402
+from heads.data import load_head_data  # noqa: E402
+from heads.methods import METHODS  # noqa: E402
+
+
+def matmul_gflops(batch: int, dims: list[int], hidden: int, repeats: int = 30) -> float:
+    """fp32 GFLOP/s of the head's dominant products (forward and weight gradient) at this batch size."""
+    xs = [torch.randn(batch, d) for d in dims]
+    ws = [torch.randn(hidden, d) for d in dims]
+    gs = [torch.randn(batch, hidden) for _ in dims]
+    for _ in range(3):
+        for x, w, g in zip(xs, ws, gs):
+            x @ w.T, g.T @ x
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for x, w, g in zip(xs, ws, gs):
+            x @ w.T, g.T @ x
+    flops = repeats * sum(4 * batch * d * hidden for d in dims)
+    return flops / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--preset", default="av")
+    args = parser.parse_args()
+    data = load_head_data([builtin_cache(args.preset, ROOT / "data" / "builtin")])
+    cfg = TrainConfig()
+    dims = [data.spec.dims[m] for m in data.spec.modalities]
+    gflops = matmul_gflops(cfg.batch_size, dims, cfg.hidden)
+    # One epoch of concat: forward + weight gradient of every projection on every training sample.
+    epoch_gflop = 4 * len(data.train) * sum(dims) * cfg.hidden / 1e9
+    bound = args.epochs * epoch_gflop / gflops
+    print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {gflops:.0f} GFLOP/s on the head's shapes")
+    print(f"data: {args.preset}, train {len(data.train)}, val {len(data.val)}, test {len(data.test)}; "
+          f"batch {cfg.batch_size}, hidden {cfg.hidden}")
+    print(f"arithmetic bound of a {args.epochs}-epoch concat run: {args.epochs * epoch_gflop:.0f} GFLOP → {bound:.1f} s")
+    print(f"{'method':10s} {'s/epoch':>8s} {'wall (s)':>9s} {'× bound':>8s} {'test acc':>9s}")
+    for method in args.methods.split(","):
+        result = fit(data, TrainConfig(method=method, epochs=args.epochs), progress=False)
+        print(f"{method:10s} {result.seconds / args.epochs:8.3f} {result.seconds:9.1f} {result.seconds / bound:8.2f} "
+              f"{result.test.acc:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Command line of the tool: extract features once (stage one), train heads on them many times (stage two).
+
+Run ``python cli.py --help`` for the commands and ``python cli.py methods`` for every method's options.
+This file only parses arguments and reports errors; the work lives in ``cache/``, ``heads/`` and
+``pipeline/``. Stage-two commands import torch and the cache only.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parent
+BUILTIN_ROOT = ROOT / "data" / "builtin"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Study and fix modality imbalance: extract features once, train heads fast.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
+app.add_typer(cache_app, name="cache")
+
+
+def fail(message: str, code: int = 2):
+    """One clear line on stderr and a non-zero exit: bad input never produces a traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(func):
+    """Turn the tool's own error types into one-line messages."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from cache import CacheError
+        from heads.core import OptionError
+
+        try:
+            return func(*args, **kwargs)
+        except (CacheError, OptionError, FileNotFoundError, ValueError) as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted; finished runs are kept", 130)
+    return wrapper
+
+
+def resolve_caches(spec: str) -> list[Path]:
+    """``--cache``: a cache folder, several joined with ',' (one per backbone), or a built-in preset."""
+    from cache import CacheError
+    from cache.synthetic import PRESETS, builtin_cache
+
+    paths = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path = Path(part)
+        if path.exists():
+            paths.append(path)
+        elif part in PRESETS:
+            paths.append(builtin_cache(part, BUILTIN_ROOT))
+        else:
+            raise CacheError(f"no cache at {part} (and it is not a built-in preset: {', '.join(PRESETS)})")
+    if not paths:
+        raise CacheError("--cache is empty")
+    return paths
+
+
+def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
+                  missing_test, options=None):
+    from heads.core import OptionError, TrainConfig
+
+    if epochs < 1 or batch_size < 1 or hidden < 1:
+        raise OptionError("--epochs, --batch-size and --hidden must be positive")
+    if optimizer not in ("adam", "sgd"):
+        raise OptionError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+    for name, rate in (("--missing-train", missing_train), ("--missing-test", missing_test)):
+        if not 0 <= rate < 1:
+            raise OptionError(f"{name} must lie in [0, 1), got {rate}")
+    return TrainConfig(method=method, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                       optimizer=optimizer, hidden=hidden, weight_decay=weight_decay,
+                       missing_train=missing_train, missing_test=missing_test, options=options or {})
+
+
+# Options shared by every training command.
+CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or built-in preset av / avt.")
+EPOCHS = typer.Option(100, help="Training epochs; the epoch with the best validation accuracy is kept.")
+LR = typer.Option(1e-3, "--lr", help="Learning rate.")
+BATCH = typer.Option(256, "--batch-size", help="Batch size (training and evaluation).")
+OPTIM = typer.Option("adam", help="adam or sgd (momentum 0.9).")
+HIDDEN = typer.Option(256, help="Hidden width d of the projections.")
+WD = typer.Option(1e-4, "--weight-decay", help="Weight decay.")
+MISS_TRAIN = typer.Option(0.0, "--missing-train", help="Mask each modality with this rate in train, val and test (MLA protocol).")
+MISS_TEST = typer.Option(0.0, "--missing-test", help="Mask each modality with this rate at test only (EDM paper, Table VI).")
+MODALITIES = typer.Option(None, "--modalities", help="Use only these modalities (comma-separated).")
+OUT = typer.Option(Path("runs"), "--out", help="Folder for run folders.")
+QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("train-head", context_settings=EXTRA)
+@friendly
+def train_head(
+    ctx: typer.Context,
+    method: str = typer.Option("concat", help="Method name; `cli.py methods` lists them and their options."),
+    cache: str = CACHE, epochs: int = EPOCHS,
+    seed: int = typer.Option(0, help="Seed for initialisation, shuffling and masks."),
+    lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM, hidden: int = HIDDEN,
+    weight_decay: float = WD, missing_train: float = MISS_TRAIN, missing_test: float = MISS_TEST,
+    modalities: str = MODALITIES, name: str = typer.Option(None, help="Run folder name (default: method-dataset-seed-time)."),
+    out: Path = OUT, quiet: bool = QUIET,
+):
+    """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
+
+    Writes runs/<name>/: config.json (resolved), epochs.csv, results.json, table.md, model.pt.
+    """
+    from heads.core import fit, method_class, parse_option_args
+    from heads.data import load_head_data
+    from heads.runner import timestamp
+
+    method_class(method)
+    options = parse_option_args(method, list(ctx.args))
+    cfg = _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
+                        missing_test, options)
+    data = load_head_data(resolve_caches(cache), _split_list(modalities))
+    run_dir = out / (name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
+    result = fit(data, cfg, run_dir, progress=not quiet)
+    typer.echo((run_dir / "table.md").read_text().rstrip())
+    typer.echo(f"best epoch {result.best_epoch}/{epochs} · {result.seconds:.1f} s · {run_dir}")
+
+
+@app.command()
+@friendly
+def compare(
+    methods: str = typer.Option("concat,sum,late,ogm-ge", help="Comma-separated method specs; NAME[key=value;...] sets options."),
+    seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
+    cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
+    hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
+    missing_test: float = MISS_TEST, modalities: str = MODALITIES,
+    name: str = typer.Option(None, help="Folder name under --out (default: compare-time)."),
+    out: Path = OUT, quiet: bool = QUIET,
+):
+    """Train several methods over several seeds; print and write the paper-style table (mean ± std).
+
+    Methods with options: --methods 'concat,edm[order=weak-to-strong],edm[order=strong-to-weak]'
+    (inside brackets separate options with ';' or ',').
+    """
+    from heads.data import load_head_data
+    from heads.runner import compare as run_compare
+    from heads.runner import parse_seeds, split_specs, timestamp
+
+    specs = split_specs(methods)
+    seed_list = parse_seeds(seeds)
+    base = _train_config(specs[0].split("[")[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
+                         missing_train, missing_test)
+    data = load_head_data(resolve_caches(cache), _split_list(modalities))
+    folder = out / (name or f"compare-{timestamp()}")
+    table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet)
+    typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
+    typer.echo(table.rstrip())
+    typer.echo(f"written to {folder}")
+
+
+@app.command()
+def methods():
+    """List the head methods and their options with defaults."""
+    import dataclasses
+
+    from heads.methods import METHODS
+
+    for name, cls in METHODS.items():
+        typer.echo(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            flag = f"--{f.name.replace('_', '-')}"
+            if f.type in (bool, "bool"):
+                flag = f"{flag} / --no-{f.name.replace('_', '-')}"
+            typer.echo(f"    {flag:34s} default {f.default!r:18s} {f.metadata.get('help', '')}")
+
+
+@cache_app.command("info")
+@friendly
+def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
+    """Summarise a cache: dataset, backbone, modalities, classes, split sizes, coverage, failures."""
+    from cache import cache_info
+
+    info = cache_info(resolve_caches(path)[0])
+    typer.echo(f"cache       {info['path']}")
+    typer.echo(f"dataset     {info['dataset']}   backbone {info['backbone']}   schema v{info['schema_version']}")
+    for m, spec in info["modalities"].items():
+        typer.echo(f"modality    {m:10s} [T={spec['tokens']}, D={spec['dim']}]  present {info['present_rate'][m]:.1%}")
+    typer.echo(f"classes     {len(info['class_names'])}: {', '.join(info['class_names'][:12])}{' …' if len(info['class_names']) > 12 else ''}")
+    typer.echo(f"samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
+    typer.echo(f"split rule  {info.get('split_rule') or '-'}")
+    typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
+
+
+@cache_app.command("verify")
+@friendly
+def cache_verify_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
+    """Check every shard against the manifest and meta: counts, ids, dims, finite values."""
+    from cache import verify
+
+    target = resolve_caches(path)[0]
+    problems = verify(target)
+    if problems:
+        for p in problems:
+            typer.echo(f"problem: {p}", err=True)
+        fail(f"{len(problems)} problem(s) in {target}", 1)
+    typer.echo(f"ok: {target} is consistent")
+
+
+@app.command("import-features")
+@friendly
+def import_features(
+    file: Path = typer.Argument(..., help=".npz with x_<modality> [N,D] or [N,T,D], y, optional split, class_names."),
+    out: Path = typer.Option(..., "--out", help="Cache folder to create."),
+    dataset: str = typer.Option(None, help="Dataset name for meta.json (default: file stem)."),
+    seed: int = typer.Option(0, help="Seed of the stratified 80/10/10 split made when the file has none."),
+):
+    """Import features made elsewhere into a cache, so every head method can use them."""
+    from heads.importer import import_npz
+
+    path, counts = import_npz(file, out, dataset or file.stem, seed)
+    typer.echo(f"imported {sum(counts.values())} samples into {path} (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+
+
+@app.command("make-synthetic")
+@friendly
+def make_synthetic_cmd(
+    out: Path = typer.Option(..., "--out", help="Cache folder to create."),
+    preset: str = typer.Option("av", help="av (CREMA-D-like, 2 modalities) or avt (IEMOCAP-like, 3)."),
+    seed: int = typer.Option(0, help="Generator seed."),
+    strength: str = typer.Option("", help="Per-modality signal strength, e.g. audio=2.5,visual=0.7."),
+    confusion: str = typer.Option("", help="Per-modality fraction of uninformative samples, e.g. visual=0.2."),
+    scale: float = typer.Option(1.0, help="Multiply the preset's sample counts."),
+):
+    """Generate a built-in-style imbalanced cache with your own modality strengths."""
+    from cache import cache_info
+    from cache.synthetic import make_synthetic
+
+    path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale)
+    info = cache_info(path)
+    typer.echo(f"wrote {path}: " + ", ".join(f"{s} {n}" for s, n in info["counts"].items()))
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _key_values(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"expected modality=number, got {item!r}")
+    return out
+
+
+if __name__ == "__main__":
+    app()

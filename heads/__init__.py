@@ -1,0 +1,1 @@
+"""Stage two: heads trained on cached features (torch only; never imports ``pipeline``)."""

@@ -1,0 +1,300 @@
+"""The one training core: seeding, the epoch loop, evaluation of every modality subset, selection on
+validation, per-epoch logging, checkpoints and run folders. Methods only say how a batch updates
+them and how they predict (``heads/methods``).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import random
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heads import metrics
+from heads.data import HeadData, SplitTensors
+from heads.methods import METHODS
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; written to ``config.json`` of every run, resolved."""
+
+    method: str = "concat"
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    hidden: int = 256
+    seed: int = 0
+    eval_batch_size: int = 0  # 0 = same as batch_size (methods that look across a batch need a fixed rule)
+    missing_train: float = 0.0  # per-modality masking rate for train and val (MLA protocol)
+    missing_test: float = 0.0  # per-modality masking rate for test only (EDM paper's Table VI)
+    threads: int = 0  # 0 = torch's default
+    options: dict = field(default_factory=dict)  # the method's own options, resolved
+
+
+class OptionError(ValueError):
+    """A method option that does not exist or does not parse; the message lists what is valid."""
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise OptionError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def option_fields(method: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(method_class(method).Options))
+
+
+def _field_type(method: str, name: str):
+    """The declared type of an option (annotations may be strings under ``from __future__``)."""
+    return typing.get_type_hints(method_class(method).Options)[name]
+
+
+def _convert(f: dataclasses.Field, raw, method: str):
+    """Parse one option value by the field's declared type (bool, int, float, str or a Literal)."""
+    kind = _field_type(method, f.name)
+    flag = f"--{f.name.replace('_', '-')}"
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        if raw not in choices:
+            raise OptionError(f"{flag} must be one of {', '.join(map(str, choices))}, got {raw!r}")
+        return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).lower()
+        if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise OptionError(f"{flag} expects true or false, got {raw!r}")
+        return word in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag} expects {kind.__name__}, got {raw!r}") from None
+
+
+def resolve_options(method: str, given: dict) -> dict:
+    """Defaults of the method's Options, overridden by ``given`` (names with '_' or '-')."""
+    fields = {f.name: f for f in option_fields(method)}
+    out = {name: f.default for name, f in fields.items()}
+    for key, raw in given.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            valid = ", ".join("--" + n.replace("_", "-") for n in fields) or "none"
+            raise OptionError(f"method {method!r} has no option --{key.replace('_', '-')}; its options: {valid}")
+        out[name] = _convert(fields[name], raw, method)
+    return out
+
+
+def parse_option_args(method: str, args: list[str]) -> dict:
+    """Turn ``--tau 0.3 --no-align --order=fixed`` (extra CLI words) into a method options dict."""
+    names = {f.name for f in option_fields(method)}
+
+    def is_flag(name: str) -> bool:
+        return name in names and _field_type(method, name) is bool
+
+    given, i = {}, 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--"):
+            raise OptionError(f"unexpected argument {word!r}")
+        name = word[2:]
+        key = name.replace("-", "_")
+        if "=" in name:
+            name, value = name.split("=", 1)
+            given[name] = value
+        elif key.startswith("no_") and is_flag(key[3:]):
+            given[key[3:]] = False
+        elif is_flag(key):
+            given[key] = True
+        else:
+            if i + 1 >= len(args):
+                raise OptionError(f"option {word} needs a value")
+            given[name] = args[i + 1]
+            i += 1
+        i += 1
+    return resolve_options(method, given)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, spec):
+    cls = method_class(cfg.method)
+    opts = cls.Options(**resolve_options(cfg.method, cfg.options))
+    return cls(spec, cfg, opts)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Evaluation of one model on one split: v(S) for every subset and everything derived from it."""
+
+    v: dict[frozenset, float]
+    acc: float
+    f1: float
+    unimodal: dict[str, float]
+    phi: dict[str, float]
+    delta: dict[str, float]
+    edm: float
+    pred: torch.Tensor
+
+    def row(self, prefix: str = "") -> dict:
+        out = {f"{prefix}acc": self.acc, f"{prefix}f1": self.f1, f"{prefix}edm": self.edm}
+        for m in self.unimodal:
+            out[f"{prefix}acc_{m}"] = self.unimodal[m]
+            out[f"{prefix}phi_{m}"] = self.phi[m]
+            out[f"{prefix}delta_{m}"] = self.delta[m]
+        return out
+
+    def to_json(self) -> dict:
+        return {**self.row(), "v": {"+".join(sorted(s)) or "∅": a for s, a in self.v.items()}}
+
+
+@torch.inference_mode()
+def predict(model, split: SplitTensors, modalities, batch_size: int) -> torch.Tensor:
+    """Predicted classes with only ``modalities`` present, in fixed-size batches in sample-id order.
+
+    Sorting by id first makes predictions independent of how the split's rows happen to be ordered
+    (methods that align across a batch see the same batches either way).
+    """
+    model.eval()
+    order = sorted(range(len(split)), key=split.ids.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    preds = torch.empty(len(split), dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        rows = index[start:start + batch_size]
+        preds[rows] = model.logits(split.batch(rows).only(modalities)).argmax(-1)
+    return preds
+
+
+def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = True) -> Report:
+    """Score every modality subset (or only the full set) and derive φ, δ and EDM from them."""
+    mods = spec.modalities
+    full = frozenset(mods)
+    v: dict[frozenset, float] = {frozenset(): metrics.accuracy(torch.full_like(split.y, spec.majority_class), split.y)}
+    pred_full = predict(model, split, mods, batch_size)
+    v[full] = metrics.accuracy(pred_full, split.y)
+    if subsets:
+        for s in metrics.all_subsets(mods):
+            if s and s != full:
+                v[s] = metrics.accuracy(predict(model, split, s, batch_size), split.y)
+        phi = metrics.shapley_values(v, mods)
+        delta = metrics.deviations(phi, v[full], v[frozenset()])
+        uni = {m: v[frozenset([m])] for m in mods}
+    else:
+        phi, delta, uni = {m: float("nan") for m in mods}, {m: float("nan") for m in mods}, {m: float("nan") for m in mods}
+    return Report(v, v[full], metrics.macro_f1(pred_full, split.y, spec.num_classes), uni, phi, delta,
+                  metrics.edm(delta) if subsets else float("nan"), pred_full)
+
+
+# --- training ----------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    model: torch.nn.Module
+    config: TrainConfig
+    epochs: list[dict]
+    best_epoch: int
+    val: Report
+    test: Report
+    seconds: float
+
+
+def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
+        model=None) -> FitResult:
+    """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    train, val, test = data.train, data.val, data.test
+    if cfg.missing_train > 0:
+        train = train.with_missing(cfg.missing_train, cfg.seed + 101)
+        val = val.with_missing(cfg.missing_train, cfg.seed + 202)
+        test = test.with_missing(cfg.missing_train, cfg.seed + 303)
+    if cfg.missing_test > 0:
+        test = test.with_missing(cfg.missing_test, cfg.seed + 404)
+    model = model or build_model(cfg, data.spec)
+    model.optimizer = model.configure_optimizer()
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    rows, best, best_state, best_epoch = [], -1.0, None, 0
+    start = time.perf_counter()
+    bar = _progress(progress, cfg)
+    with bar:
+        task = bar.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.epochs)
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            model.start_epoch(epoch)
+            total, count = torch.zeros(()), 0
+            for batch in train.batches(cfg.batch_size, shuffle):
+                total += model.train_step(batch) * len(batch)
+                count += len(batch)
+            report = evaluate(model, val, data.spec, eval_bs)
+            extra = model.end_epoch(report)
+            rows.append({"epoch": epoch, "train_loss": float(total) / max(count, 1), **report.row("val_"), **extra})
+            if report.acc > best:
+                best, best_epoch = report.acc, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.update(task, advance=1, description=f"{cfg.method} seed {cfg.seed} · val {report.acc:.1f}% (best {best:.1f}% @ {best_epoch})")
+    model.load_state_dict(best_state)
+    val_report = evaluate(model, val, data.spec, eval_bs)
+    test_report = evaluate(model, test, data.spec, eval_bs)
+    result = FitResult(model, cfg, rows, best_epoch, val_report, test_report, time.perf_counter() - start)
+    if run_dir is not None:
+        write_run(Path(run_dir), result, data)
+    return result
+
+
+def _progress(enabled: bool, cfg: TrainConfig):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=True)
+
+
+# --- run folders -------------------------------------------------------------------------------
+def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
+    """``config.json`` (resolved), ``epochs.csv``, ``results.json``, ``table.md``, ``model.pt``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.asdict(result.config)
+    cfg["options"] = resolve_options(result.config.method, result.config.options)
+    from cache.store import _code_version
+
+    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": _code_version()}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    with open(run_dir / "epochs.csv", "w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in result.epochs for k in r))
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(result.epochs)
+    results = {"method": result.config.method, "seed": result.config.seed, "best_epoch": result.best_epoch,
+               "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    from heads.report import results_table
+
+    (run_dir / "table.md").write_text(results_table([results], data.spec.modalities))
+    torch.save({"config": config, "state": result.model.state_dict()}, run_dir / "model.pt")
+
+
+def load_run(run_dir: str | Path):
+    """Rebuild a trained model from a run folder (its config + selected state)."""
+    from heads.data import DataSpec
+
+    saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**saved["config"]["train"])
+    model = build_model(cfg, DataSpec(**saved["config"]["spec"]))
+    model.load_state_dict(saved["state"])
+    model.eval()
+    return model, cfg

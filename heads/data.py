@@ -1,0 +1,209 @@
+"""Cached features as training tensors: splits, batches, subset views, missing-modality masks.
+
+Heads train on whole splits held in memory (a CREMA-D-size cache is ~60 MB in float32), batches are
+index slices of those tensors, so an epoch has no DataLoader and no per-sample Python work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache import CacheError, FeatureSplit, load_meta, load_split
+
+
+@dataclass
+class Batch:
+    """A batch as methods see it. ``x[m]`` is the token-mean-pooled feature ``[B, D_m]``; ``tokens[m]``
+    the full ``[B, T_m, D_m]``; ``present[m]`` says which samples have modality m (absent = zeros)."""
+
+    x: dict[str, torch.Tensor]
+    tokens: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def only(self, modalities) -> "Batch":
+        """The same batch with every modality outside ``modalities`` made absent (present False, zeros).
+
+        This is how ``v(S)`` is measured: the other modalities are treated exactly as missing.
+        """
+        keep = set(modalities)
+        x, tokens, present = {}, {}, {}
+        for m in self.x:
+            if m in keep:
+                x[m], tokens[m], present[m] = self.x[m], self.tokens[m], self.present[m]
+            else:
+                x[m] = torch.zeros_like(self.x[m])
+                tokens[m] = torch.zeros_like(self.tokens[m])
+                present[m] = torch.zeros_like(self.present[m])
+        return Batch(x, tokens, present, self.y)
+
+
+@dataclass
+class SplitTensors:
+    """One split ready for heads: pooled and token features, present masks, labels, ids."""
+
+    ids: list[str]
+    x: dict[str, torch.Tensor]
+    tokens: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    @classmethod
+    def from_feature_split(cls, split: FeatureSplit) -> "SplitTensors":
+        tokens = split.features
+        x = {m: t[:, 0] if t.shape[1] == 1 else t.mean(1) for m, t in tokens.items()}
+        return cls(list(split.ids), x, tokens, dict(split.present), split.labels)
+
+    def batch(self, index: torch.Tensor | slice) -> Batch:
+        take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
+        x = {m: take(t) for m, t in self.x.items()}
+        tokens = {m: x[m].unsqueeze(1) if t.shape[1] == 1 else take(t) for m, t in self.tokens.items()}
+        return Batch(x, tokens, {m: take(p) for m, p in self.present.items()}, take(self.y))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """Shuffled batches when a generator is given (training), dataset order otherwise (evaluation)."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        for start in range(0, n, batch_size):
+            yield self.batch(order[start:start + batch_size] if order is not None else slice(start, start + batch_size))
+
+    def subset(self, index: torch.Tensor) -> "SplitTensors":
+        """Rows ``index`` of this split (a new split; tensors are copied)."""
+        idx = index.tolist()
+        return SplitTensors(
+            [self.ids[i] for i in idx],
+            {m: t[index] for m, t in self.x.items()},
+            {m: t[index] for m, t in self.tokens.items()},
+            {m: p[index] for m, p in self.present.items()},
+            self.y[index],
+        )
+
+    def with_missing(self, rate: float, seed: int) -> "SplitTensors":
+        """Mask each modality of each sample independently with probability ``rate``, never all of them.
+
+        Follows the MLA paper's protocol (per modality, per sample, rate η). A draw that would leave a
+        sample with no modality is redrawn (choice: conditioning on at least one modality keeps the
+        masks independent across modalities; the realised per-modality rate is then
+        ``η(1 − η^(M−1)) / (1 − η^M)``, see ``expected_missing_rate``). Samples that were already
+        incomplete keep what they have at least one of.
+        """
+        if rate <= 0:
+            return self
+        if not 0 <= rate < 1:
+            raise ValueError(f"missing rate must lie in [0, 1), got {rate}")
+        mods = list(self.present)
+        gen = torch.Generator().manual_seed(seed)
+        orig = torch.stack([self.present[m] for m in mods], 1)  # [N, M]
+        keep = torch.zeros_like(orig)
+        todo = torch.ones(len(self), dtype=torch.bool)
+        while todo.any():
+            draw = torch.rand(int(todo.sum()), len(mods), generator=gen) >= rate
+            draw &= orig[todo]
+            ok = draw.any(1) | ~orig[todo].any(1)  # a sample with nothing to begin with stays as it is
+            rows = todo.nonzero().squeeze(1)
+            keep[rows[ok]] = draw[ok]
+            todo[rows[ok]] = False
+        present = {m: keep[:, i] for i, m in enumerate(mods)}
+        x = {m: self.x[m] * present[m][:, None] for m in mods}
+        tokens = {m: self.tokens[m] * present[m][:, None, None] for m in mods}
+        return SplitTensors(self.ids, x, tokens, present, self.y)
+
+
+def expected_missing_rate(rate: float, num_modalities: int) -> float:
+    """Per-modality masked fraction that ``with_missing`` realises on complete samples."""
+    m = num_modalities
+    return rate * (1 - rate ** (m - 1)) / (1 - rate ** m) if rate > 0 else 0.0
+
+
+@dataclass
+class DataSpec:
+    """What a method needs to know to build itself: modalities, their dims and tokens, classes."""
+
+    modalities: list[str]
+    dims: dict[str, int]
+    tokens: dict[str, int]
+    num_classes: int
+    class_names: list[str]
+    majority_class: int
+
+
+@dataclass
+class HeadData:
+    """Train, validation and test splits of one or more joined caches."""
+
+    spec: DataSpec
+    train: SplitTensors
+    val: SplitTensors
+    test: SplitTensors
+    meta: dict
+
+
+def _join(parts: list[FeatureSplit], paths: list[Path]) -> FeatureSplit:
+    """Join splits of several caches of the same dataset (one per backbone) on sample id."""
+    if len(parts) == 1:
+        return parts[0]
+    common = set(parts[0].ids)
+    for p in parts[1:]:
+        common &= set(p.ids)
+    ids = sorted(common)
+    feats, present, labels = {}, {}, None
+    for part, path in zip(parts, paths):
+        pos = {s: i for i, s in enumerate(part.ids)}
+        index = torch.tensor([pos[s] for s in ids], dtype=torch.long)
+        lab = part.labels[index]
+        if labels is not None and not torch.equal(labels, lab):
+            raise CacheError(f"caches disagree on labels for the same sample ids ({path})")
+        labels = lab
+        for m in part.features:
+            if m in feats:
+                raise CacheError(f"modality {m!r} appears in two of the joined caches")
+            feats[m], present[m] = part.features[m][index], part.present[m][index]
+    return FeatureSplit(ids, labels, feats, present, parts[0].class_names)
+
+
+def load_head_data(paths: list[str | Path], modalities: list[str] | None = None) -> HeadData:
+    """Load train/val/test of one cache, or of several caches of one dataset joined on sample id."""
+    paths = [Path(p) for p in paths]
+    metas = [load_meta(p) for p in paths]
+    names = metas[0]["class_names"]
+    for p, meta in zip(paths[1:], metas[1:]):
+        if meta["class_names"] != names:
+            raise CacheError(f"cache {p} has other class names than {paths[0]}; they cannot be joined")
+    available = [m for meta in metas for m in meta["modalities"]]
+    if modalities:
+        unknown = set(modalities) - set(available)
+        if unknown:
+            raise CacheError(f"no modality {sorted(unknown)} in the cache(s); available: {available}")
+    splits = {}
+    for s in ("train", "val", "test"):
+        parts = [
+            load_split(p, s, [m for m in meta["modalities"] if not modalities or m in modalities])
+            for p, meta in zip(paths, metas)
+            if not modalities or set(meta["modalities"]) & set(modalities)
+        ]
+        splits[s] = SplitTensors.from_feature_split(_join(parts, paths))
+    train = splits["train"]
+    if len(train) == 0:
+        raise CacheError(f"cache {paths[0]} has no training samples")
+    if len(splits["val"]) == 0:
+        raise CacheError(f"cache {paths[0]} has no validation split; selection never uses test, so one is required")
+    mods = list(train.x)
+    spec = DataSpec(
+        modalities=mods,
+        dims={m: train.x[m].shape[1] for m in mods},
+        tokens={m: train.tokens[m].shape[1] for m in mods},
+        num_classes=len(names),
+        class_names=list(names),
+        majority_class=int(torch.bincount(train.y, minlength=len(names)).argmax()),
+    )
+    meta = {"caches": [str(p) for p in paths], "dataset": metas[0].get("dataset"),
+            "backbones": [m.get("backbone") for m in metas]}
+    return HeadData(spec, train, splits["val"], splits["test"], meta)

@@ -1,0 +1,15 @@
+"""The registry of head methods: a plain dict from the name users type to the class."""
+from __future__ import annotations
+
+from heads.methods.base import HeadMethod
+from heads.methods.concat import Concat
+from heads.methods.late import Late
+from heads.methods.ogm_ge import OGMGE
+from heads.methods.sum import Sum
+
+METHODS: dict[str, type[HeadMethod]] = {
+    "concat": Concat,
+    "sum": Sum,
+    "late": Late,
+    "ogm-ge": OGMGE,
+}

@@ -1,0 +1,108 @@
+"""The interface every head method implements, and the few helpers they share.
+
+A method states only what differs from the others: which modules it has, how one batch updates
+them (``train_step``), and how it predicts when only some modalities are present (``logits``).
+The epoch loop, evaluation, selection on validation, seeding, logging and checkpointing live once,
+in ``heads/core.py``. Anything inference depends on (an order, a memory state) must be a buffer or
+parameter, so that the selected checkpoint and a reloaded model carry it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heads.data import Batch, DataSpec
+from heads.modules import Projection
+
+
+@dataclass
+class NoOptions:
+    """This method has no options of its own."""
+
+
+class HeadMethod(nn.Module, ABC):
+    """Base of all methods. Subclasses set ``Options`` (a dataclass) and build their modules in ``__init__``."""
+
+    Options: type = NoOptions
+    summary: str = ""
+
+    def __init__(self, spec: DataSpec, cfg, opts):
+        super().__init__()
+        self.spec, self.cfg, self.opts = spec, cfg, opts
+        self.modalities = list(spec.modalities)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.epoch = 0
+
+    # --- what the core calls -------------------------------------------------------------------
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer over every trainable parameter (methods with stages may rebuild it)."""
+        return make_optimizer([p for p in self.parameters() if p.requires_grad], self.cfg)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based)."""
+        self.epoch = epoch
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """Update the parameters on one batch; return the (detached) loss to log."""
+        loss = self.loss(batch)
+        self.step(loss)
+        return loss.detach()
+
+    def end_epoch(self, val_report) -> dict:
+        """Called after each epoch with the validation report; returns extra values to log."""
+        return {}
+
+    @abstractmethod
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Class scores ``[B, C]`` using only the modalities marked present in ``batch``."""
+
+    # --- helpers for subclasses ----------------------------------------------------------------
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The default objective: cross-entropy of the fused prediction."""
+        return nn.functional.cross_entropy(self.logits(batch), batch.y)
+
+    def step(self, loss: torch.Tensor, before_step=None) -> None:
+        """zero_grad → backward → optional gradient surgery → optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        self.optimizer.step()
+
+
+def projections(spec: DataSpec, hidden: int) -> nn.ModuleDict:
+    """One ``ReLU(W_m x + b_m)`` per modality: the trainable 'encoder' of stage two."""
+    return nn.ModuleDict({m: Projection(spec.dims[m], hidden) for m in spec.modalities})
+
+
+def encode(proj: nn.ModuleDict, batch: Batch) -> dict[str, torch.Tensor]:
+    """Project every modality and zero the absent ones (ReLU(b) of a zero input is not zero)."""
+    return {m: proj[m](batch.x[m]) * batch.present[m].unsqueeze(1) for m in proj}
+
+
+def mean_probability_logits(logits: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Decision-level fusion: log of the mean class probability over each sample's present modalities.
+
+    A sample with no present modality gets uniform scores (log 1/C), so argmax is class 0; the core
+    never scores the empty subset through a model (v(∅) is the majority-class accuracy).
+    """
+    probs = torch.stack([logits[m].softmax(-1) for m in logits])  # [M, B, C]
+    mask = torch.stack([present[m] for m in logits]).to(probs.dtype)  # [M, B]
+    total = (probs * mask.unsqueeze(-1)).sum(0)
+    count = mask.sum(0).clamp_min(1).unsqueeze(-1)
+    fused = total / count
+    fused = torch.where(mask.sum(0).unsqueeze(-1) > 0, fused, torch.full_like(fused, 1.0 / fused.shape[-1]))
+    return fused.clamp_min(1e-12).log()
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """Adam (default) or SGD with momentum, as the training config says."""
+    params = list(params)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use adam or sgd")

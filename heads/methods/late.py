@@ -1,0 +1,35 @@
+"""``late``: independent unimodal heads, each trained on its own loss, fused by averaging probabilities.
+
+The heads share no parameter and each loss touches only its own head, so summing the losses and
+taking one optimizer step is the same as training them separately (Adam/SGD act per parameter).
+A sample's absent modality contributes no loss and no vote.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from heads.methods.base import HeadMethod, encode, mean_probability_logits, projections
+
+
+class Late(HeadMethod):
+    summary = "independent unimodal heads, fused by averaging probabilities"
+
+    def __init__(self, spec, cfg, opts):
+        super().__init__(spec, cfg, opts)
+        self.proj = projections(spec, cfg.hidden)
+        self.cls = nn.ModuleDict({m: nn.Linear(cfg.hidden, spec.num_classes) for m in self.modalities})
+
+    def unimodal_logits(self, batch) -> dict[str, torch.Tensor]:
+        h = encode(self.proj, batch)
+        return {m: self.cls[m](h[m]) for m in self.modalities}
+
+    def loss(self, batch):
+        total = 0.0
+        for m, logit in self.unimodal_logits(batch).items():
+            per_sample = nn.functional.cross_entropy(logit, batch.y, reduction="none")
+            total = total + (per_sample * batch.present[m]).sum() / batch.present[m].sum().clamp_min(1)
+        return total
+
+    def logits(self, batch):
+        return mean_probability_logits(self.unimodal_logits(batch), batch.present)

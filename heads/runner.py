@@ -1,0 +1,92 @@
+"""Runs made of several fits: method specs like ``edm[order=strong-to-weak]``, comparisons over seeds."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from heads.core import OptionError, TrainConfig, fit, resolve_options
+from heads.data import HeadData
+from heads.report import results_table
+
+_SPEC = re.compile(r"^([a-z][a-z0-9_-]*)(?:\[(.*)\])?$")
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``"edm[tau=0.3,order=fixed]"`` → ``("edm", {"tau": 0.3, "order": "fixed"})`` (validated)."""
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise OptionError(f"cannot read method spec {spec!r}: use NAME or NAME[key=value,...]")
+    name, body = match.group(1), match.group(2)
+    given = {}
+    for item in filter(None, re.split(r"[;,]", body or "")):
+        if "=" not in item:
+            raise OptionError(f"method spec {spec!r}: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        given[key.strip()] = value.strip()
+    resolved = resolve_options(name, given)
+    return name, {k: resolved[k.replace("-", "_")] for k in given}
+
+
+def split_specs(text: str) -> list[str]:
+    """Split ``"concat,edm[tau=0.3,order=fixed]"`` at the commas outside brackets."""
+    specs, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            specs.append(current)
+            current = ""
+        else:
+            current += ch
+    specs.append(current)
+    specs = [s.strip() for s in specs if s.strip()]
+    if not specs:
+        raise OptionError("--methods is empty")
+    return specs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` → seeds 0, 1, 2; ``"0,5,9"`` → exactly those."""
+    text = text.strip()
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        count = int(text)
+    except ValueError:
+        raise OptionError(f"--seeds takes a count (3) or a list (0,5,9), got {text!r}") from None
+    if count < 1:
+        raise OptionError("--seeds must be at least 1")
+    return list(range(count))
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
+            progress: bool = True) -> tuple[str, list[dict]]:
+    """Fit every method spec with every seed; write each run, the results CSV and the table."""
+    parsed = [(spec, *parse_method_spec(spec)) for spec in specs]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, name, options in parsed:
+        for seed in seeds:
+            cfg = replace(base, method=name, seed=seed, options=options)
+            run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}-seed{seed}"
+            result = fit(data, cfg, run_dir, progress=progress)
+            record = json.loads((run_dir / "results.json").read_text())
+            record["label"] = label
+            results.append(record)
+            (run_dir / "results.json").write_text(json.dumps(record, indent=2))
+    table = results_table(results, data.spec.modalities)
+    (out / "table.md").write_text(table)
+    with open(out / "results.csv", "w", newline="") as f:
+        rows = [{"label": r["label"], "method": r["method"], "seed": r["seed"], "best_epoch": r["best_epoch"],
+                 "seconds": round(r["seconds"], 3), **{k: v for k, v in r["test"].items() if k != "v"}} for r in results]
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return table, results

@@ -1,0 +1,66 @@
+"""Metrics against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from heads import metrics
+
+F = frozenset
+
+
+def toy_additive():
+    # v(S) of a 3-modality toy whose gains are additive: a adds 30, b 20, c 10 over v(∅) = 10.
+    return {F(): 10, F("a"): 40, F("b"): 30, F("c"): 20, F("ab"): 60, F("ac"): 50, F("bc"): 40, F("abc"): 70}
+
+
+def test_shapley_additive_toy_by_hand():
+    phi = metrics.shapley_values(toy_additive(), ["a", "b", "c"])
+    assert phi == pytest.approx({"a": 30, "b": 20, "c": 10})
+
+
+def test_shapley_with_redundancy_and_synergy():
+    # a and b are redundant (ab = a = b = 50); c is useless alone but adds 40 on top of a and b.
+    v = {F(): 0, F("a"): 50, F("b"): 50, F("c"): 0, F("ab"): 50, F("ac"): 50, F("bc"): 50, F("abc"): 90}
+    phi = metrics.shapley_values(v, ["a", "b", "c"])
+    # φ_c = 1/3·(abc − ab) = 40/3; φ_a = 1/3·50 + 1/6·(0 + 50) + 1/3·40 = 115/3.
+    assert phi["c"] == pytest.approx(40 / 3)
+    assert phi["a"] == pytest.approx(115 / 3) and phi["b"] == pytest.approx(115 / 3)
+    assert sum(phi.values()) == pytest.approx(v[F("abc")] - v[F()])  # efficiency
+
+
+def test_deviation_edm_and_order():
+    phi = {"a": 30.0, "b": 20.0, "c": 10.0}
+    delta = metrics.deviations(phi, v_full=70, v_empty=10)  # φ* = 20
+    assert delta == pytest.approx({"a": -10, "b": 0, "c": 10})
+    assert metrics.edm(delta) == pytest.approx(20)
+    assert metrics.weak_to_strong(delta) == ["c", "b", "a"]
+
+
+def test_two_modalities_have_equal_absolute_deviation():
+    v = {F(): 20, F("x"): 80, F("y"): 30, F("xy"): 85}
+    delta = metrics.deviations(metrics.shapley_values(v, ["x", "y"]), 85, 20)
+    assert abs(delta["x"]) == pytest.approx(abs(delta["y"]))
+    # φ_x = ½(60) + ½(55) = 57.5, φ* = 32.5 → δ_x = −25
+    assert delta["x"] == pytest.approx(-25)
+
+
+def test_sampled_shapley_converges_to_exact():
+    v = toy_additive()
+    est = metrics.shapley_sampled(lambda s: v[s], ["a", "b", "c"], permutations=2000, seed=1)
+    assert est == pytest.approx({"a": 30, "b": 20, "c": 10}, abs=1e-9)  # additive: every order gives the same gains
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    y = torch.tensor([0, 0, 1, 1, 2])
+    p = torch.tensor([0, 1, 1, 1, 0])
+    assert metrics.accuracy(p, y) == pytest.approx(60.0)
+    # class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp0 fp0 fn1 → 0
+    assert metrics.macro_f1(p, y, 3) == pytest.approx(100 * (0.5 + 0.8 + 0) / 3)
+
+
+def test_all_subsets_counts():
+    subsets = metrics.all_subsets(["a", "b", "c", "d"])
+    assert len(subsets) == 16 and subsets[0] == F() and subsets[-1] == F("abcd")
+    assert len(set(subsets)) == 16 and all(isinstance(s, frozenset) for s in subsets)
+    assert math.comb(4, 2) == sum(len(s) == 2 for s in subsets)
