@@ -210,54 +210,93 @@ class FitResult:
     val: Report
     test: Report
     seconds: float
+    epochs_run: int  # fewer than config.epochs when a grid pruned the run
+
+
+class Trainer:
+    """One run, trainable in stages: ``run(until)`` trains up to an epoch, ``finish`` selects and tests.
+
+    Staged training is what lets a grid prune configs at epoch milestones (successive halving)
+    without a second copy of the loop. ``fit`` is the whole run in one call.
+    """
+
+    def __init__(self, data: HeadData, cfg: TrainConfig, model=None):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.data, self.cfg = data, cfg
+        self.train, self.val, self.test = data.train, data.val, data.test
+        if cfg.missing_train > 0:
+            self.train = self.train.with_missing(cfg.missing_train, cfg.seed + 101)
+            self.val = self.val.with_missing(cfg.missing_train, cfg.seed + 202)
+            self.test = self.test.with_missing(cfg.missing_train, cfg.seed + 303)
+        if cfg.missing_test > 0:
+            self.test = self.test.with_missing(cfg.missing_test, cfg.seed + 404)
+        self.model = model or build_model(cfg, data.spec)
+        self.model.optimizer = self.model.configure_optimizer()
+        self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.rows: list[dict] = []
+        self.epoch, self.best, self.best_epoch, self.best_state = 0, -1.0, 0, None
+        self.seconds = 0.0
+        # Each trainer owns its RNG stream so that interleaved trainers (a pruned grid) reproduce
+        # exactly what they would do alone.
+        self.rng_state = torch.get_rng_state()
+
+    def run(self, until: int, on_epoch=None) -> None:
+        """Train epochs ``self.epoch + 1 … until`` (capped at ``cfg.epochs``)."""
+        start = time.perf_counter()
+        torch.set_rng_state(self.rng_state)
+        model = self.model
+        for epoch in range(self.epoch + 1, min(until, self.cfg.epochs) + 1):
+            model.train()
+            model.start_epoch(epoch)
+            total, count = torch.zeros(()), 0
+            for batch in self.train.batches(self.cfg.batch_size, self.shuffle):
+                total += model.train_step(batch) * len(batch)
+                count += len(batch)
+            report = evaluate(model, self.val, self.data.spec, self.eval_batch_size)
+            extra = model.end_epoch(report)
+            self.rows.append({"epoch": epoch, "train_loss": float(total) / max(count, 1), **report.row("val_"), **extra})
+            if report.acc > self.best:
+                self.best, self.best_epoch = report.acc, epoch
+                self.best_state = copy.deepcopy(model.state_dict())
+            self.epoch = epoch
+            if on_epoch is not None:
+                on_epoch(self, report)
+        self.rng_state = torch.get_rng_state()
+        self.seconds += time.perf_counter() - start
+
+    def finish(self, run_dir: str | Path | None = None) -> "FitResult":
+        """Restore the best-on-validation state, evaluate validation and test once, write the run."""
+        start = time.perf_counter()
+        self.model.load_state_dict(self.best_state)
+        val_report = evaluate(self.model, self.val, self.data.spec, self.eval_batch_size)
+        test_report = evaluate(self.model, self.test, self.data.spec, self.eval_batch_size)
+        self.seconds += time.perf_counter() - start
+        result = FitResult(self.model, self.cfg, self.rows, self.best_epoch, val_report, test_report, self.seconds,
+                           self.epoch)
+        if run_dir is not None:
+            write_run(Path(run_dir), result, self.data)
+        return result
 
 
 def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
         model=None) -> FitResult:
     """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    train, val, test = data.train, data.val, data.test
-    if cfg.missing_train > 0:
-        train = train.with_missing(cfg.missing_train, cfg.seed + 101)
-        val = val.with_missing(cfg.missing_train, cfg.seed + 202)
-        test = test.with_missing(cfg.missing_train, cfg.seed + 303)
-    if cfg.missing_test > 0:
-        test = test.with_missing(cfg.missing_test, cfg.seed + 404)
-    model = model or build_model(cfg, data.spec)
-    model.optimizer = model.configure_optimizer()
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    rows, best, best_state, best_epoch = [], -1.0, None, 0
-    start = time.perf_counter()
-    bar = _progress(progress, cfg)
-    with bar:
+    trainer = Trainer(data, cfg, model)
+    with _progress(progress) as bar:
         task = bar.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.epochs)
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            model.start_epoch(epoch)
-            total, count = torch.zeros(()), 0
-            for batch in train.batches(cfg.batch_size, shuffle):
-                total += model.train_step(batch) * len(batch)
-                count += len(batch)
-            report = evaluate(model, val, data.spec, eval_bs)
-            extra = model.end_epoch(report)
-            rows.append({"epoch": epoch, "train_loss": float(total) / max(count, 1), **report.row("val_"), **extra})
-            if report.acc > best:
-                best, best_epoch = report.acc, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            bar.update(task, advance=1, description=f"{cfg.method} seed {cfg.seed} · val {report.acc:.1f}% (best {best:.1f}% @ {best_epoch})")
-    model.load_state_dict(best_state)
-    val_report = evaluate(model, val, data.spec, eval_bs)
-    test_report = evaluate(model, test, data.spec, eval_bs)
-    result = FitResult(model, cfg, rows, best_epoch, val_report, test_report, time.perf_counter() - start)
-    if run_dir is not None:
-        write_run(Path(run_dir), result, data)
-    return result
+
+        def show(t: Trainer, report: Report) -> None:
+            bar.update(task, advance=1, description=f"{cfg.method} seed {cfg.seed} · val {report.acc:.1f}% "
+                                                   f"(best {t.best:.1f}% @ {t.best_epoch})")
+
+        trainer.run(cfg.epochs, show)
+    return trainer.finish(run_dir)
 
 
-def _progress(enabled: bool, cfg: TrainConfig):
+def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -280,7 +319,7 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
         writer.writeheader()
         writer.writerows(result.epochs)
     results = {"method": result.config.method, "seed": result.config.seed, "best_epoch": result.best_epoch,
-               "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
+               "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     from heads.report import results_table
 
