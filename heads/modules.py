@@ -14,3 +14,120 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.linear(x))
+
+
+class Alignment(nn.Module):
+    """In-batch cross-modal alignment (EDM paper, eqs. 12–14 and the learnable gate of eq. 22).
+
+    ``S[i, j] = cos(h_cur[i], h_prev[j])``: row i is the current modality's sample i, so that
+    ``a = S' H_prev`` gathers, for each sample, the previous chain state of the samples whose previous
+    representation resembles it. Threshold mode keeps ``S' = S ⊙ 1[S > τ]``; gate mode uses
+    ``S' = σ(g(S)) ⊙ S`` with g a small elementwise MLP. In both the diagonal is set to 1 (a sample
+    always sees its own state) and rows are normalised to sum 1 in absolute value (choice).
+    """
+
+    def __init__(self, tau: float = 0.5, gate: str = "threshold", gate_hidden: int = 8):
+        super().__init__()
+        self.tau = tau
+        self.gate = nn.Sequential(nn.Linear(1, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, 1)) if gate == "learnable" else None
+
+    def weights(self, h_cur: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        """The row-normalised ``S'`` ([B, B]); exposed for tests and analysis."""
+        s = nn.functional.normalize(h_cur, dim=1, eps=1e-8) @ nn.functional.normalize(h_prev, dim=1, eps=1e-8).T
+        if self.gate is None:
+            s = s * (s > self.tau)
+        else:
+            s = torch.sigmoid(self.gate(s.unsqueeze(-1)).squeeze(-1)) * s
+        s = torch.where(torch.eye(s.shape[0], dtype=torch.bool, device=s.device), torch.ones_like(s), s)
+        return s / s.abs().sum(1, keepdim=True)
+
+    def forward(self, h_cur: torch.Tensor, h_prev: torch.Tensor, state_prev: torch.Tensor) -> torch.Tensor:
+        return self.weights(h_cur, h_prev) @ state_prev
+
+
+class MemoryCell(nn.Module):
+    """The LSTM-style modality-aware memory unit (EDM paper, eqs. 15–19).
+
+    ``u = W_u [h ; a] + b_u`` fuses a modality's features (width d) with what alignment brought from
+    the chain (width of the memory); forget, input and output gates and the candidate read
+    ``[u ; H_prev]``; ``C = f ⊙ C_prev + i ⊙ C̃``, ``H = o ⊙ tanh(C)``. The gate product is split
+    into ``W_gu u + W_gH H_prev`` (the same function): ``H_prev`` arrives detached, so autograd then
+    skips its input gradient, a quarter of the cell's backward arithmetic.
+    """
+
+    def __init__(self, hidden: int, memory: int):
+        super().__init__()
+        self.fuse = nn.Linear(hidden + memory, memory)
+        self.gates_u = nn.Linear(memory, 4 * memory)
+        self.gates_h = nn.Linear(memory, 4 * memory, bias=False)
+
+    def forward(self, h, a, h_state, c_state):
+        u = self.fuse(torch.cat([h, a], 1))
+        f, i, o, candidate = (self.gates_u(u) + self.gates_h(h_state)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c_state + torch.sigmoid(i) * torch.tanh(candidate)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class LoRA(nn.Module):
+    """Low-rank residual ``LoRA(z) = (α / r) · B A z`` (Hu et al. 2022), added to a frozen layer's output.
+
+    ``A`` (``down``, r × d_in) keeps nn.Linear's default (Kaiming-uniform) initialisation, ``B``
+    (``up``, d_out × r) starts at zero, so the adapter is exactly a no-op until it is trained.
+    The α / r scaling is the LoRA paper's convention (choice; CCAT fixes α = 1).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, rank: int = 2, alpha: float = 1.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.down = nn.Linear(dim_in, rank, bias=False)
+        self.up = nn.Linear(rank, dim_out, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.scale = alpha / rank
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(z)) * self.scale
+
+
+class CrossAttentionBlock(nn.Module):
+    """One direction of cross-attention (CCAT appendix A.1): the query modality attends to another.
+
+    ``a = MHA(q = z_q, k = v = z_kv)``, ``h = LN(z_q + a)``, ``f = LN(h + FFN(h))``, then average-pool
+    over the query's tokens: ``[B, T_q, d] × [B, T_kv, d] → [B, d]``. Works for any token counts,
+    T = 1 included (attention over a single key is that key's value projection).
+    """
+
+    def __init__(self, hidden: int, heads: int = 4, ffn_mult: int = 4):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Linear(ffn_mult * hidden, hidden))
+        self.norm2 = nn.LayerNorm(hidden)
+
+    def forward(self, z_q: torch.Tensor, z_kv: torch.Tensor) -> torch.Tensor:
+        a = self.attn(z_q, z_kv, z_kv, need_weights=False)[0]
+        h = self.norm1(z_q + a)
+        return self.norm2(h + self.ffn(h)).mean(1)
+
+
+class BiCrossAttention(nn.Module):
+    """Bidirectional cross-attention fusion over M ≥ 2 modalities: ``f = Σ_{i≠j} Block_{i←j}(z_i, z_j)``.
+
+    One block per ordered pair (for M = 2 exactly the paper's two directions; for M > 2 the sum over
+    all ordered pairs, choice). A direction contributes to a sample only when both of its modalities
+    are present there; ``forward`` also returns how many directions contributed per sample.
+    """
+
+    def __init__(self, modalities: list[str], hidden: int, heads: int = 4, ffn_mult: int = 4):
+        super().__init__()
+        self.pairs = [(i, j) for i in modalities for j in modalities if i != j]
+        self.blocks = nn.ModuleDict({f"{i}<-{j}": CrossAttentionBlock(hidden, heads, ffn_mult) for i, j in self.pairs})
+
+    def forward(self, z: dict[str, torch.Tensor], present: dict[str, torch.Tensor]):
+        """``z[m]``: ``[B, T_m, d]`` token features → (``f`` ``[B, d]``, contributing directions ``[B]``)."""
+        fused, count = 0.0, 0.0
+        for i, j in self.pairs:
+            both = (present[i] & present[j]).unsqueeze(1).to(z[i].dtype)
+            fused = fused + self.blocks[f"{i}<-{j}"](z[i], z[j]) * both
+            count = count + both.squeeze(1)
+        return fused, count

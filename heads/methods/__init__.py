@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from heads.methods.base import HeadMethod
+from heads.methods.ccat import CCAT
 from heads.methods.concat import Concat
+from heads.methods.edm import EDM
 from heads.methods.late import Late
+from heads.methods.mla import MLA
 from heads.methods.ogm_ge import OGMGE
 from heads.methods.sum import Sum
 
@@ -12,4 +15,7 @@ METHODS: dict[str, type[HeadMethod]] = {
     "sum": Sum,
     "late": Late,
     "ogm-ge": OGMGE,
+    "mla": MLA,
+    "ccat": CCAT,
+    "edm": EDM,
 }
