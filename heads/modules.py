@@ -93,8 +93,9 @@ class CrossAttentionBlock(nn.Module):
     """One direction of cross-attention (CCAT appendix A.1): the query modality attends to another.
 
     ``a = MHA(q = z_q, k = v = z_kv)``, ``h = LN(z_q + a)``, ``f = LN(h + FFN(h))``, then average-pool
-    over the query's tokens: ``[B, T_q, d] × [B, T_kv, d] → [B, d]``. Works for any token counts,
-    T = 1 included (attention over a single key is that key's value projection).
+    over the query's tokens: ``[B, T_q, d] × [B, T_kv, d] → [B, d]``. Works for any token counts.
+    With a single key token the softmax is exactly 1, so ``a = W_o (W_v z_kv + b_v) + b_o`` is computed
+    directly (same output as the full MHA, without the query/key projections that cannot matter).
     """
 
     def __init__(self, hidden: int, heads: int = 4, ffn_mult: int = 4):
@@ -105,7 +106,12 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, z_q: torch.Tensor, z_kv: torch.Tensor) -> torch.Tensor:
-        a = self.attn(z_q, z_kv, z_kv, need_weights=False)[0]
+        if z_kv.shape[1] == 1:
+            d = z_kv.shape[-1]
+            value = nn.functional.linear(z_kv, self.attn.in_proj_weight[2 * d:], self.attn.in_proj_bias[2 * d:])
+            a = self.attn.out_proj(value)  # [B, 1, d], broadcast over the query tokens
+        else:
+            a = self.attn(z_q, z_kv, z_kv, need_weights=False)[0]
         h = self.norm1(z_q + a)
         return self.norm2(h + self.ffn(h)).mean(1)
 
