@@ -21,6 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 app.add_typer(cache_app, name="cache")
 
+from pipeline.commands import register  # noqa: E402  (stage one: extract, datasets, backbones; lazy inside)
+
+register(app)
+
 
 def fail(message: str, code: int = 2):
     """One clear line on stderr and a non-zero exit: bad input never produces a traceback."""

@@ -1,0 +1,43 @@
+"""Backbones by the names users type: name -> (family class, config preset over the family defaults).
+
+``build_backbone('clip-vit-l14', weights=...)`` loads one. A family name (``clip``, ``resnet``...)
+gives its defaults; ``config`` overrides any key (``{"arch": "ViT-B-32"}`` for another open_clip
+architecture, ``{"prompts": {...}}`` for the LLMs).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, prepare_torchvision
+from pipeline.backbones.clip import CLIPBackbone
+from pipeline.backbones.llava import LlavaBackbone
+from pipeline.backbones.ola import OlaBackbone
+from pipeline.backbones.resnet import ResNetBackbone
+from pipeline.backbones.whisper import WhisperBackbone
+
+BACKBONES: dict[str, tuple[type[Backbone], dict]] = {
+    "clip-vit-l14": (CLIPBackbone, {"arch": "ViT-L-14"}),
+    "clip-vit-l14-openai": (CLIPBackbone, {"arch": "ViT-L-14", "quick_gelu": True}),
+    "whisper-large-v3": (WhisperBackbone, {}),
+    "resnet18": (ResNetBackbone, {"arch": "resnet18"}),
+    "resnet50": (ResNetBackbone, {"arch": "resnet50"}),
+    "llava7b": (LlavaBackbone, {}),
+    "ola7b": (OlaBackbone, {}),
+    "clip": (CLIPBackbone, {}),
+    "whisper": (WhisperBackbone, {}),
+    "resnet": (ResNetBackbone, {}),
+    "llava": (LlavaBackbone, {}),
+    "ola": (OlaBackbone, {}),
+}
+
+
+def build_backbone(name: str, weights, config: dict | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load the backbone registered as ``name`` from local ``weights``, with ``config`` over its preset."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    cls, preset = BACKBONES[name]
+    return cls(weights, {**preset, **(config or {})}, device, dtype)
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneError", "Preprocessor", "build_backbone", "prepare_torchvision"]

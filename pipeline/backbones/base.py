@@ -1,0 +1,189 @@
+"""What every backbone is: a frozen encoder loaded from local weights, split in two halves.
+
+- ``Preprocessor`` (CPU, picklable, no model): turns one decoded input (PIL image, 16 kHz waveform,
+  K video frames, text) into tensors, and collates a list of them into a batch. It runs in the
+  DataLoader workers, so decoding and preprocessing overlap the model.
+- ``Backbone`` (the model, on the device): declares which input kinds it encodes and the ``[T, D]``
+  it produces for each, and maps a collated batch to ``[B, T, D]`` features plus per-sample extras.
+
+A backbone is built from ``weights`` (a local file or folder, never a hub name) and a config dict
+merged over the family's ``defaults``; the resolved config is recorded in the cache's meta.json.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import os
+import sys
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+_TORCHVISION_SHIM = []  # keeps the torch.library registration alive for the life of the process
+
+
+class BackboneError(Exception):
+    """Weights missing or in the wrong layout, a package not installed, a bad config. One clear line."""
+
+
+def prepare_torchvision() -> None:
+    """Make ``import torchvision`` work when its compiled ops cannot load (a CUDA build on CPU torch).
+
+    torchvision registers fake kernels for ``torchvision::nms``/``qnms`` at import time, which fails
+    if ``_C.so`` did not load. Defining the two schemas first lets the pure-Python parts (models,
+    transforms) import; the compiled ops themselves stay unavailable, and nothing here uses them.
+    Must run before the first import of torchvision, open_clip or a transformers vision model.
+    """
+    if "torchvision" in sys.modules or _TORCHVISION_SHIM:
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")) + glob.glob(
+        os.path.join(os.path.dirname(spec.origin), "_C*.pyd"))
+    try:
+        torch.ops.load_library(libs[0])
+        return
+    except (IndexError, OSError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_SHIM.append(lib)
+
+
+def weights_path(weights, *, expect: str, what: str) -> Path:
+    """Check that ``--weights`` exists and is what the family reads (``expect``: file, folder or any)."""
+    if weights is None or str(weights) == "":
+        raise BackboneError(f"--weights is required: {what}")
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise BackboneError(f"weights not found: {path} (expected {what})")
+    if expect == "folder" and not path.is_dir():
+        raise BackboneError(f"weights {path} must be a folder: {what}")
+    if expect == "file" and not path.is_file():
+        raise BackboneError(f"weights {path} must be a file: {what}")
+    return path.resolve()
+
+
+def resolve_config(family: str, defaults: dict, config: dict | None) -> dict:
+    """Merge a user config over the family defaults; dict values (prompts) merge one level deep."""
+    config = dict(config or {})
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise BackboneError(f"unknown config key(s) for {family}: {sorted(unknown)}; known: {sorted(defaults)}")
+    out = copy.deepcopy(defaults)
+    for key, value in config.items():
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad 1-d token id tensors: the last position of every row is its last real token.
+
+    ``position_ids`` count real tokens only, so a sample gets the same positions alone or in a
+    batch with a longer one (and so the same hidden state at its last position).
+    """
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = s
+        mask[i, n - len(s):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def last_valid(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, t_b]`` with ``t_b`` the last position where ``mask`` is set (left or right padding)."""
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.long).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def check_prompts(family: str, prompts: dict, kinds: tuple[str, ...], media_token: dict[str, str]) -> None:
+    """Each kind needs a prompt; media prompts hold their token once, the text prompt holds ``{text}``."""
+    for kind in kinds:
+        message = prompts.get(kind)
+        if not isinstance(message, str) or not message:
+            raise BackboneError(f"{family}: no prompt for {kind}")
+        token = media_token.get(kind, "{text}")
+        if message.count(token) != 1:
+            raise BackboneError(f"{family}: the {kind} prompt must contain {token} exactly once, got {message!r}")
+
+
+def prompt_text(tokenizer, text: str, max_tokens: int, media_tokens) -> str:
+    """A sample's text made safe for a prompt: media tokens defused, at most ``max_tokens`` tokens.
+
+    A literal ``<image>`` in a tweet would otherwise make the model expect image features, and a
+    long transcript would push the prompt past the context.
+    """
+    for token in media_tokens:
+        text = text.replace(token, token.strip("<>"))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+class Preprocessor(ABC):
+    """The CPU half of a backbone; runs in DataLoader workers, so it must be picklable and model-free."""
+
+    @abstractmethod
+    def prepare(self, kind: str, decoded):
+        """One decoded input (PIL image, list of PIL frames, float32 waveform, or str) -> tensors."""
+
+    def collate(self, kind: str, items: list):
+        """Stack per-sample tensors (override for variable-length inputs)."""
+        if isinstance(items[0], dict):
+            return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return torch.stack(items)
+
+
+class Backbone(ABC):
+    """A frozen encoder. Subclasses set ``family``, ``kinds``, ``defaults`` and implement the methods.
+
+    ``half_weights``: cast the weights themselves to the compute dtype (the 7B LLMs, which would not
+    fit otherwise); smaller encoders keep float32 weights and rely on autocast.
+    """
+
+    family: str = ""
+    kinds: tuple[str, ...] = ()
+    weights_layout: str = ""  # what --weights must be, for messages and `cli.py backbones`
+    defaults: dict = {}
+    half_weights: bool = False
+
+    def __init__(self, weights, config: dict | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.config = resolve_config(self.family, self.defaults, config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.info: dict = {}  # facts found while loading (dims, token ids), recorded in meta.json
+        self.load(weights)
+
+    @abstractmethod
+    def load(self, weights) -> None:
+        """Load the model from the local ``weights`` path onto ``self.device``; set ``self.info``."""
+
+    @abstractmethod
+    def preprocessor(self) -> Preprocessor:
+        """The worker-side half (transforms, tokenizer, feature extractor)."""
+
+    @abstractmethod
+    def output_shape(self, kind: str, frames: int) -> tuple[int, int]:
+        """``(T, D)`` of the features of one sample of ``kind`` (``frames`` = K for video)."""
+
+    @abstractmethod
+    def encode(self, kind: str, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A collated batch (already on the device) -> ``[B, T, D]`` features and ``{extra: [B]}``."""
+
+    def extras(self, kind: str) -> dict[str, str]:
+        """Per-sample extras ``encode`` returns for ``kind``, name -> numpy dtype (whisper: ``n_valid``)."""
+        return {}
+
+    def record(self) -> dict:
+        """What meta.json keeps about this backbone: family, resolved config, load-time facts."""
+        return {"family": self.family, **self.config, "info": self.info}
+

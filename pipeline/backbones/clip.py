@@ -1,0 +1,102 @@
+"""CLIP through open_clip: images, video frames and text into one embedding space (ViT-L/14 by default).
+
+Weights, one of:
+- a folder with ``open_clip_config.json`` and ``open_clip_pytorch_model.bin``/``.safetensors`` (the
+  layout of open_clip checkpoints on the HF hub, downloaded beforehand): the folder says everything;
+- a state-dict file (``.safetensors``, ``.bin``, ``.pt``) for the built-in architecture ``arch``
+  (any name in ``open_clip.list_models()``). A file path does not carry a pretrained tag's settings:
+  OpenAI weights need ``quick_gelu: true``, laion2b weights ``mean``/``std`` of 0.5;
+- OpenAI's original TorchScript file (``ViT-L-14.pt``), loaded with open_clip's OpenAI loader.
+
+Features are the pooled, projected embeddings (L2-normalised when ``normalize``): ``[1, D]`` per
+image or text, ``[K, D]`` for K video frames.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, prepare_torchvision, weights_path
+
+
+class CLIPPreprocessor(Preprocessor):
+    def __init__(self, transform, tokenizer):
+        self.transform = transform
+        self.tokenizer = tokenizer
+
+    def prepare(self, kind, decoded):
+        if kind == "image":
+            return self.transform(decoded)
+        if kind == "video":
+            return torch.stack([self.transform(frame) for frame in decoded])
+        return self.tokenizer([decoded])[0]  # text: [context_length] token ids, truncated
+
+
+def _is_torchscript(path: Path) -> bool:
+    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+
+
+class CLIPBackbone(Backbone):
+    family = "clip"
+    kinds = ("image", "video", "text")
+    weights_layout = "an open_clip folder (open_clip_config.json + weights) or a state-dict / OpenAI .pt file"
+    defaults = {
+        "arch": "ViT-L-14",  # open_clip architecture, used when the weights are a single file
+        "quick_gelu": False,  # true for OpenAI weights given as a state-dict file
+        "normalize": True,  # L2-normalise the embeddings (CLIP space)
+        "mean": None,  # per-channel normalisation override, e.g. [0.5, 0.5, 0.5] for laion2b weights
+        "std": None,
+    }
+
+    def load(self, weights):
+        path = weights_path(weights, expect="any", what=self.weights_layout)
+        prepare_torchvision()
+        import open_clip
+
+        cfg = self.config
+        norm = {"image_mean": cfg["mean"], "image_std": cfg["std"]}
+        try:
+            if path.is_dir():
+                if not (path / "open_clip_config.json").is_file():
+                    raise BackboneError(f"{path} has no open_clip_config.json (or pass the weights file itself)")
+                name = f"local-dir:{path}"
+                model, _, transform = open_clip.create_model_and_transforms(name, **norm)
+            elif _is_torchscript(path):
+                name = cfg["arch"]
+                model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+                size = model.visual.image_size
+                transform = open_clip.image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"])
+            else:
+                name = cfg["arch"]
+                if name not in open_clip.list_models():
+                    raise BackboneError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())")
+                model, _, transform = open_clip.create_model_and_transforms(
+                    name, pretrained=str(path), force_quick_gelu=cfg["quick_gelu"], **norm)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise BackboneError(f"cannot load CLIP weights from {path}: {str(err).splitlines()[0][:300]}") from None
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self._pre = CLIPPreprocessor(transform, open_clip.get_tokenizer(name))
+        dim = getattr(model.visual, "output_dim", None)
+        if dim is None:
+            with torch.inference_mode():
+                dim = self.model.encode_text(self._pre.prepare("text", "a")[None].to(self.device)).shape[-1]
+        self.dim = int(dim)
+        self.info = {"weights": str(path), "arch": name.split(":")[0] if path.is_dir() else name, "dim": self.dim,
+                     "context_length": int(getattr(model, "context_length", 0) or 0)}
+
+    def preprocessor(self):
+        return self._pre
+
+    def output_shape(self, kind, frames):
+        return (frames if kind == "video" else 1), self.dim
+
+    def encode(self, kind, batch):
+        norm = self.config["normalize"]
+        if kind == "text":
+            return self.model.encode_text(batch, normalize=norm)[:, None], {}
+        if kind == "video":
+            b, k = batch.shape[:2]
+            return self.model.encode_image(batch.flatten(0, 1), normalize=norm).view(b, k, -1), {}
+        return self.model.encode_image(batch, normalize=norm)[:, None], {}

@@ -1,0 +1,73 @@
+"""ResNet-18/50 (torchvision) as a frozen image encoder: the pooled 512-/2048-d feature before ``fc``.
+
+Weights: a torchvision state-dict file (e.g. ``resnet50-11ad3fa6.pth`` from torchvision's model
+zoo, downloaded beforehand). Images are resized to ``image_size`` squared (no crop) and normalised
+with ImageNet statistics, as the modality-imbalance references do. Video gives ``[K, D]``.
+``layers`` overrides the blocks per stage (a tiny ``[1, 1, 1, 1]`` network for tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, prepare_torchvision, weights_path
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_ARCHS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet50": ("Bottleneck", [3, 4, 6, 3])}
+
+
+class ResNetPreprocessor(Preprocessor):
+    def __init__(self, size: int):
+        prepare_torchvision()
+        from torchvision import transforms
+
+        self.transform = transforms.Compose([
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+        ])
+
+    def prepare(self, kind, decoded):
+        if kind == "video":
+            return torch.stack([self.transform(frame) for frame in decoded])
+        return self.transform(decoded)
+
+
+class ResNetBackbone(Backbone):
+    family = "resnet"
+    kinds = ("image", "video")
+    weights_layout = "a torchvision ResNet state-dict file (.pth)"
+    defaults = {"arch": "resnet50", "layers": None, "image_size": 224}
+
+    def load(self, weights):
+        path = weights_path(weights, expect="file", what=self.weights_layout)
+        arch = self.config["arch"]
+        if arch not in _ARCHS:
+            raise BackboneError(f"unknown ResNet arch {arch!r}; known: {', '.join(_ARCHS)}")
+        prepare_torchvision()
+        from torchvision.models import resnet
+
+        block, layers = _ARCHS[arch]
+        model = resnet.ResNet(getattr(resnet, block), self.config["layers"] or layers)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise BackboneError(f"{path} does not fit {arch}: {str(err).splitlines()[0][:300]}") from None
+        self.dim = model.fc.in_features
+        model.fc = torch.nn.Identity()
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.info = {"weights": str(path), "dim": self.dim}
+
+    def preprocessor(self):
+        return ResNetPreprocessor(self.config["image_size"])
+
+    def output_shape(self, kind, frames):
+        return (frames if kind == "video" else 1), self.dim
+
+    def encode(self, kind, batch):
+        if kind == "video":
+            b, k = batch.shape[:2]
+            return self.model(batch.flatten(0, 1)).view(b, k, -1), {}
+        return self.model(batch)[:, None], {}

@@ -1,0 +1,440 @@
+"""Train/val/test splits that any run can reproduce, and the split options the paper datasets share.
+
+The reference repositories of the modality-imbalance papers split with unseeded shuffles, disagree
+on which samples form "the" split, and mostly evaluate on the validation set. So here:
+
+- every split is a pure function of (sample ids, labels, options): ids are sorted first, and each
+  class is shuffled by its own generator seeded from ``seed`` and the class, so neither the order
+  files were listed in nor the other classes change a class's assignment;
+- splits are stratified: per class the counts follow the fractions, the split totals are exact
+  (``floor(n * f)`` for train and val, the rest for test: 2592 samples at 60/20/20 give
+  1555/518/519), and a class with at least as many samples as there are splits appears in each;
+- there is always a validation split distinct from test; when a source gives only train and test
+  (official lists, split files), validation is carved from train, stratified and seeded;
+- group-disjoint splits (CREMA-D actors, IEMOCAP sessions) put every group in exactly one split;
+- a user's split file reproduces a paper's split exactly, and ids it names that the dataset lacks
+  are reported, never silently dropped.
+
+``SplitPolicy`` reads the options (``seed``, ``split``, ``fractions``, ``val_fraction``,
+``split_file``, ``train_file``/``test_file``, and ``test_<group>``/``val_<group>`` for
+leave-one-group-out) and turns an adapter's samples into a ``DatasetListing``. ``file_problem``
+and ``read_text`` are the listing-time checks the adapters share (existence and size of media; text
+read with the encodings the datasets really use).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from pipeline.datasets.base import DatasetError, DatasetListing, SampleRef, Skipped
+
+SPLITS = ("train", "val", "test")
+_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "dev": "val", "test": "test", "testing": "test"}
+_ID_HEADERS = {"sample_id", "id", "name", "file", "filename", "clip", "video_id"}
+SPLIT_OPTIONS = ("seed", "split", "fractions", "val_fraction", "split_file", "train_file", "test_file")
+
+
+def _floor(x: float) -> int:
+    """``floor`` that does not lose a unit to float error (5000/n * n may be 4999.999...)."""
+    return math.floor(x + 1e-6)
+
+
+def _allocate(sizes: Mapping[int, int], fractions: Sequence[float]) -> dict[int, list[int]]:
+    """How many samples of each class go to each split.
+
+    Split totals are exact (``floor(n*f)`` for all but the last split, which takes the rest); per
+    class the counts are the floors of the ideal ``n_c * f`` plus single units handed out by largest
+    remainder where a split still needs samples; a class with at least ``len(fractions)`` samples
+    gets at least one in every split (that minimum wins over the exact totals on tiny data).
+    """
+    k, n = len(fractions), sum(sizes.values())
+    totals = [_floor(n * f) for f in fractions[:-1]]
+    totals.append(n - sum(totals))
+    ideal = {c: [m * f for f in fractions] for c, m in sizes.items()}
+    alloc = {}
+    for c, m in sizes.items():
+        counts = [_floor(q) for q in ideal[c]]
+        if m >= k:
+            counts = [max(1, x) for x in counts]
+            while sum(counts) > m:
+                counts[counts.index(max(counts))] -= 1
+        alloc[c] = counts
+    need = [totals[s] - sum(alloc[c][s] for c in alloc) for s in range(k)]
+    left = {c: sizes[c] - sum(alloc[c]) for c in alloc}
+    # One unit per (class, split), largest remainder first, only where the split is short...
+    for _, c, s in sorted((-(ideal[c][s] - alloc[c][s]), c, s) for c in alloc for s in range(k)):
+        if left[c] > 0 and need[s] > 0:
+            alloc[c][s] += 1
+            left[c] -= 1
+            need[s] -= 1
+    # ...then what is left. sum(need) == sum(left) throughout, so a short split always exists.
+    for c in sorted(alloc):
+        while left[c] > 0:
+            short = [s for s in range(k) if need[s] > 0] or list(range(k))
+            s = max(short, key=lambda s: (ideal[c][s] - alloc[c][s], -s))
+            alloc[c][s] += 1
+            left[c] -= 1
+            need[s] -= 1
+    return alloc
+
+
+def stratified_split(labels: Mapping[str, int], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                     names: Sequence[str] = SPLITS) -> dict[str, str]:
+    """Assign every id to one of ``names`` with the given fractions, stratified by label."""
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for sid in sorted(labels):
+        by_class[labels[sid]].append(sid)
+    alloc = _allocate({c: len(ids) for c, ids in by_class.items()}, fractions)
+    out = {}
+    for c in sorted(by_class):
+        ids = by_class[c]
+        random.Random(f"{seed}:{c}").shuffle(ids)
+        start = 0
+        for name, count in zip(names, alloc[c]):
+            out.update((sid, name) for sid in ids[start:start + count])
+            start += count
+    return out
+
+
+def carve_val(labels: Mapping[str, int], val_fraction: float, seed: int = 0) -> dict[str, str]:
+    """Split train ids into train and val (stratified, seeded): how val is made when a source has none."""
+    return stratified_split(labels, (1 - val_fraction, val_fraction), seed, names=("train", "val"))
+
+
+def group_split(labels: Mapping[str, int], groups: Mapping[str, str], fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                seed: int = 0) -> dict[str, str]:
+    """Assign whole groups to splits so that sizes and class counts follow the fractions.
+
+    Groups are visited in a seeded order; each goes to the split where it most reduces the squared
+    gap between per-class counts and their targets, except that the last groups fill splits still
+    empty, so every split gets at least one group.
+    """
+    names = sorted({groups[sid] for sid in labels})
+    if len(names) < len(SPLITS):
+        raise DatasetError(f"a group-disjoint split needs at least 3 groups, found {len(names)}: {', '.join(names)}")
+    per_group: dict[str, Counter] = defaultdict(Counter)
+    for sid, label in labels.items():
+        per_group[groups[sid]][label] += 1
+    classes = sorted(set(labels.values()))
+    n_class = Counter(labels.values())
+    target = [{c: f * n_class[c] for c in classes} for f in fractions]
+    current = [Counter() for _ in SPLITS]
+    members: list[list[str]] = [[] for _ in SPLITS]
+    order = list(names)
+    random.Random(f"{seed}:groups").shuffle(order)
+    for i, g in enumerate(order):
+        empty = [s for s in range(len(SPLITS)) if not members[s]]
+        candidates = empty if len(order) - i <= len(empty) else range(len(SPLITS))
+
+        def cost(s):
+            return sum((current[s][c] + per_group[g][c] - target[s][c]) ** 2 - (current[s][c] - target[s][c]) ** 2
+                       for c in classes)
+
+        best = min(candidates, key=lambda s: (cost(s), s))
+        members[best].append(g)
+        current[best].update(per_group[g])
+    where = {g: SPLITS[s] for s in range(len(SPLITS)) for g in members[s]}
+    return {sid: where[groups[sid]] for sid in labels}
+
+
+def holdout_split(labels: Mapping[str, int], groups: Mapping[str, str], test_groups: Sequence[str],
+                  val_groups: Sequence[str] = (), val_fraction: float = 0.1, seed: int = 0) -> dict[str, str]:
+    """Leave-groups-out: ``test_groups`` are test; ``val_groups`` are val, or else val is a stratified
+    ``val_fraction`` of the remaining groups' samples."""
+    out = {sid: "test" for sid in labels if groups[sid] in test_groups}
+    out.update((sid, "val") for sid in labels if groups[sid] in val_groups)
+    rest = {sid: label for sid, label in labels.items() if sid not in out}
+    out.update(carve_val(rest, val_fraction, seed) if not val_groups else dict.fromkeys(rest, "train"))
+    return out
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a media file cannot be used, judged without decoding it (missing, not a file, 0 bytes)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if not path.is_file():
+        return "not a file"
+    return "empty (0 bytes)" if size == 0 else None
+
+
+def read_text(path: Path) -> str:
+    """A text file as str: UTF-8, else Latin-1 (MVSA's tweets and IEMOCAP's transcripts mix both).
+
+    Raises ``OSError`` when the file cannot be read; the caller turns that into a skip reason.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of a CSV or TSV file; blank lines and ``#`` comments left out."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"cannot read {path}: {err}") from None
+    lines = text.splitlines()
+    delimiter = "\t" if any("\t" in line for line in lines[:5]) else ","
+    rows = []
+    for number, cells in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        cells = [c.strip() for c in cells]
+        if cells and cells[0] and not cells[0].startswith("#"):
+            rows.append((number, cells))
+    return rows
+
+
+def read_split_file(path: str | Path) -> dict[str, str]:
+    """A split file: rows ``sample_id,split`` (comma or tab), an optional header row, ``#`` comments.
+
+    Split names: train, val (also valid, validation, dev) and test. An id given two different
+    splits, or an unknown split name, is an error naming the line.
+    """
+    path = Path(path)
+    out: dict[str, str] = {}
+    for i, (number, cells) in enumerate(_rows(path)):
+        name = _SPLIT_NAMES.get(cells[1].lower()) if len(cells) > 1 else None
+        if name is None:
+            if i == 0 and len(cells) > 1:
+                continue  # a header row such as "sample_id,split"
+            raise DatasetError(f"{path.name} line {number}: expected sample_id,split with split train/val/test, "
+                               f"got {','.join(cells)!r}")
+        sid = cells[0]
+        if out.get(sid, name) != name:
+            raise DatasetError(f"{path.name} line {number}: {sid} is given two splits ({out[sid]}, {name})")
+        out[sid] = name
+    if not out:
+        raise DatasetError(f"split file {path} lists no samples")
+    return out
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """The sample ids of a list file: the first cell of each row (``name,LABEL`` rows of the OGM-GE
+    CREMA-D csvs, for one); a first row whose first cell is a column name is a header."""
+    path = Path(path)
+    rows = _rows(path)
+    if rows and rows[0][1][0].lower() in _ID_HEADERS:
+        rows = rows[1:]
+    ids = list(dict.fromkeys(cells[0] for _, cells in rows))
+    if not ids:
+        raise DatasetError(f"list file {path} lists no samples")
+    return ids
+
+
+def parse_fractions(value) -> tuple[float, float, float]:
+    """``0.8,0.1,0.1`` or ``80/10/10`` (or a sequence): three positive parts summing to 1 (or 100)."""
+    parts = re.split(r"[,/:\s]+", value.strip()) if isinstance(value, str) else list(value)
+    try:
+        numbers = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) == 3 and abs(sum(numbers) - 100) < 1e-6:
+        numbers = [x / 100 for x in numbers]
+    if len(numbers) != 3 or min(numbers) <= 0 or abs(sum(numbers) - 1) > 1e-6:
+        raise DatasetError(f"fractions must be three positive numbers train,val,test summing to 1 (or 100), "
+                           f"got {value!r}")
+    return tuple(numbers)
+
+
+def parse_int(name: str, value) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise DatasetError(f"option {name} must be an integer, got {value!r}") from None
+
+
+def parse_choice(name: str, value, choices: Sequence[str]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise DatasetError(f"option {name} must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def _fraction(name: str, value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = -1.0
+    if not 0 < x < 1:
+        raise DatasetError(f"option {name} must be a number in (0, 1), got {value!r}")
+    return x
+
+
+def _percent(fractions: Sequence[float]) -> str:
+    return "/".join(f"{100 * f:g}" for f in fractions)
+
+
+class SplitPolicy:
+    """One adapter's split options, validated at construction; ``listing`` applies them.
+
+    ``choices`` are the values ``split`` may take for this dataset, the first being the default:
+    ``random`` (stratified over all samples), ``official`` (the dataset's own train/test or
+    train/val/test; val carved from train when absent), ``group`` (the adapter's ``group`` word,
+    e.g. ``actor``: group-disjoint stratified) and ``loso`` (leave one ``group`` out: options
+    ``test_<group>`` and ``val_<group>``). ``split_file`` or ``train_file`` + ``test_file`` replace
+    ``split``; they are read here, so that a bad file fails before any model is loaded. Relative
+    file paths are tried from the current folder, then from the data ``root``.
+    ``adapter_options`` are the adapter's own option names; any other name is an error.
+    """
+
+    def __init__(self, dataset: str, options: Mapping, root: Path, *, choices: Sequence[str],
+                 fractions=(0.8, 0.1, 0.1), val_fraction: float = 0.1, group: str | None = None,
+                 adapter_options: Sequence[str] = ()):
+        holdout = (f"test_{group}", f"val_{group}") if group and "loso" in choices else ()
+        known = (*SPLIT_OPTIONS, *holdout, *adapter_options)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise DatasetError(f"{dataset}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        allowed = [c if c != "group" else group for c in choices]
+        self.dataset, self.group = dataset, group
+        self.seed = parse_int("seed", options.get("seed", 0))
+        self.split = parse_choice("split", options.get("split", allowed[0]), allowed)
+        if self.split == group:
+            self.split = "group"
+        self.fractions = parse_fractions(options["fractions"]) if "fractions" in options else tuple(fractions)
+        self.val_fraction = _fraction("val_fraction", options.get("val_fraction", val_fraction))
+        split_file, train_file, test_file = (options.get(k) for k in ("split_file", "train_file", "test_file"))
+        if bool(train_file) != bool(test_file):
+            raise DatasetError("train_file and test_file go together (val is carved from train_file's ids)")
+        if split_file and train_file:
+            raise DatasetError("give either split_file or train_file + test_file, not both")
+        if (split_file or train_file) and "split" in options:
+            raise DatasetError("a split file replaces the split option: give one or the other")
+        if "fractions" in options and (self.split not in ("random", "group") or split_file or train_file):
+            raise DatasetError(f"fractions apply to split=random{'/' + group if group in allowed else ''} only")
+        self.given, self.source = self._read_files(split_file, train_file, test_file, Path(root))
+        self.test_groups = self._groups(options.get(holdout[0])) if holdout else ()
+        self.val_groups = self._groups(options.get(holdout[1])) if holdout else ()
+        if holdout and self.split != "loso" and (self.test_groups or self.val_groups):
+            raise DatasetError(f"{holdout[0]} / {holdout[1]} apply to split=loso only")
+        if self.split == "loso" and not self.test_groups:
+            raise DatasetError(f"split=loso needs {holdout[0]}=NAME")
+        if set(self.test_groups) & set(self.val_groups):
+            raise DatasetError(f"{holdout[0]} and {holdout[1]} overlap")
+
+    @staticmethod
+    def _groups(value) -> tuple[str, ...]:
+        if value is None or value == "":
+            return ()
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+
+    @staticmethod
+    def _read_files(split_file, train_file, test_file, root: Path) -> tuple[dict[str, str] | None, str]:
+        """The split a user's file(s) give (id -> split) and how to name them in the rule; None without."""
+
+        def resolve(value) -> Path:
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() or path.exists() else root / path
+            if not path.is_file():
+                raise DatasetError(f"split file {value} not found (relative paths are tried from the data root too)")
+            return path
+
+        if split_file:
+            path = resolve(split_file)
+            return read_split_file(path), f"split file {path.name}"
+        if not train_file:
+            return None, ""
+        train_path, test_path = resolve(train_file), resolve(test_file)
+        train_ids, test_ids = read_id_list(train_path), read_id_list(test_path)
+        both = set(train_ids) & set(test_ids)
+        if both:
+            raise DatasetError(f"{len(both)} id(s) in both {train_path.name} and {test_path.name}, "
+                               f"e.g. {sorted(both)[0]}")
+        given = {**dict.fromkeys(train_ids, "train"), **dict.fromkeys(test_ids, "test")}
+        return given, f"train file {train_path.name} + test file {test_path.name}"
+
+    def listing(self, samples: list[SampleRef], skipped: list[Skipped], *,
+                groups: Mapping[str, str] | None = None, official: Mapping[str, str] | None = None,
+                official_rule: str = "", val_count: int | None = None,
+                normalize_group=lambda g: g) -> DatasetListing:
+        """Give every sample its split and return the listing, samples sorted by id.
+
+        ``groups`` maps sample id to group (actor, session) for ``group``/``loso``; ``official`` maps
+        sample id to the dataset's own split (train/test, or train/val/test), described by
+        ``official_rule``; ``val_count`` replaces ``val_fraction`` when val is carved from the
+        official train split (Food-101's 5000). ``normalize_group`` turns a user's group name into
+        the adapter's (``5`` -> ``Session5``).
+        """
+        samples = sorted(samples, key=lambda s: s.sample_id)
+        labels = {s.sample_id: s.label for s in samples}
+        extra: list[Skipped] = []
+        if self.given is not None:
+            assignment, rule = self._from_files(labels, skipped, extra)
+        elif self.split == "random":
+            assignment = stratified_split(labels, self.fractions, self.seed)
+            rule = f"random stratified {_percent(self.fractions)} by label, seed {self.seed}"
+        elif self.split == "group":
+            assignment = group_split(labels, groups, self.fractions, self.seed)
+            rule = self._group_rule(assignment, groups)
+        elif self.split == "loso":
+            assignment, rule = self._holdout(labels, groups, normalize_group)
+        else:
+            assignment, rule = self._official(labels, official, official_rule, val_count)
+        kept = [s for s in samples if s.sample_id in assignment]
+        for s in kept:
+            s.split = assignment[s.sample_id]
+        counts = Counter(s.split for s in kept)
+        empty = [name for name in SPLITS if not counts[name]]
+        if empty:
+            raise DatasetError(f"{self.dataset}: split(s) {', '.join(empty)} would be empty ({rule}); "
+                               f"the data are too few for this split")
+        rule += " -> " + ", ".join(f"{name} {counts[name]}" for name in SPLITS)
+        return DatasetListing(kept, list(skipped) + extra, split_rule=rule)
+
+    def _group_rule(self, assignment: Mapping[str, str], groups: Mapping[str, str]) -> str:
+        members = {name: sorted({groups[sid] for sid, s in assignment.items() if s == name}) for name in SPLITS}
+        n = sum(len(v) for v in members.values())
+        return (f"{self.group}-disjoint stratified {_percent(self.fractions)} over {n} {self.group}s "
+                f"(val: {', '.join(members['val'])}; test: {', '.join(members['test'])}; the rest train), "
+                f"seed {self.seed}")
+
+    def _holdout(self, labels, groups, normalize_group) -> tuple[dict[str, str], str]:
+        test = tuple(normalize_group(g) for g in self.test_groups)
+        val = tuple(normalize_group(g) for g in self.val_groups)
+        present = set(groups[sid] for sid in labels)
+        missing = [g for g in (*test, *val) if g not in present]
+        if missing:
+            raise DatasetError(f"{self.group}(s) {', '.join(missing)} not in the data; "
+                               f"found {', '.join(sorted(present))}")
+        assignment = holdout_split(labels, groups, test, val, self.val_fraction, self.seed)
+        how = (f"val {self.group} {', '.join(val)}" if val else
+               f"val = stratified {self.val_fraction:g} of the other {self.group}s' samples, seed {self.seed}")
+        return assignment, f"leave-one-{self.group}-out: test {self.group} {', '.join(test)}; {how}; train the rest"
+
+    def _official(self, labels, official, official_rule, val_count) -> tuple[dict[str, str], str]:
+        assignment = {sid: official[sid] for sid in labels}
+        if "val" in assignment.values():
+            return assignment, official_rule
+        train = {sid: labels[sid] for sid, s in assignment.items() if s == "train"}
+        fraction = self.val_fraction if val_count is None else min(val_count / max(len(train), 1), 0.5)
+        assignment.update(carve_val(train, fraction, self.seed))
+        size = f"{fraction:g}" if val_count is None else f"{val_count} samples"
+        return assignment, f"{official_rule}; val = stratified {size} of train, seed {self.seed}"
+
+    def _from_files(self, labels, skipped: list[Skipped], extra: list[Skipped]) -> tuple[dict[str, str], str]:
+        given, source = self.given, self.source
+        already = {s.sample_id for s in skipped}
+        unknown = sorted(sid for sid in given if sid not in labels and sid not in already)
+        extra += [Skipped(sid, f"listed in the {source} but not in the dataset") for sid in unknown]
+        extra += [Skipped(sid, f"not in the {source}") for sid in sorted(labels) if sid not in given]
+        assignment = {sid: given[sid] for sid in labels if sid in given}
+        rule = source
+        if "val" not in assignment.values():
+            train = {sid: labels[sid] for sid, s in assignment.items() if s == "train"}
+            assignment.update(carve_val(train, self.val_fraction, self.seed))
+            rule += f"; val = stratified {self.val_fraction:g} of its train ids, seed {self.seed}"
+        unused = sum(1 for sid in given if sid not in labels)
+        if unused:
+            rule += (f"; {unused} of its ids not used ({len(unknown)} not in the dataset, "
+                     f"{unused - len(unknown)} skipped by the listing)")
+        return assignment, rule

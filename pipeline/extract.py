@@ -1,0 +1,402 @@
+"""Stage one's engine: a dataset listing through a frozen backbone into a feature cache.
+
+DataLoader workers decode each sample's media and run the backbone's preprocessing; the main
+process moves batches to the device (pinned memory, non-blocking copies), runs the backbone under
+autocast when the compute dtype is bf16/fp16, and hands features to the ``CacheWriter``.
+
+- Resumable: the writer knows every sample id already in a shard; a rerun of the same command
+  skips them, so an interrupted run (Ctrl-C, kill -9) ends with every sample exactly once.
+- Robust to bad media: a file that cannot be decoded costs its sample (or, with ``keep_partial``,
+  only that modality, stored as absent), never the run. Every failure, with its reason, goes to
+  ``failed.parquet`` (sample_id, modality, reason); features with NaN/inf are refused the same way.
+- Several processes (``accelerate launch``): process r of w takes the listing's samples r, r+w,
+  ... and writes its own shards; after a barrier, process 0 merges the manifest and failures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from cache import CacheError, CacheWriter, build_manifest, load_meta
+from pipeline.backbones import Backbone, BackboneError, build_backbone
+from pipeline.datasets import DatasetAdapter, DatasetError, DatasetListing, SampleRef, get_dataset
+from pipeline.decode import DecodeError, load_audio, load_image, load_text, load_video_frames
+
+AUDIO_RATE = 16000
+FAILED = "failed.parquet"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def decode(kind: str, source: str, window, frames: int):
+    """One source of one modality -> the decoded input a preprocessor takes (raises DecodeError)."""
+    if kind == "image":
+        return load_image(source)
+    if kind == "audio":
+        return load_audio(source, AUDIO_RATE, window)
+    if kind == "video":
+        return load_video_frames(source, frames, window)
+    return load_text(source)
+
+
+class SampleSet(torch.utils.data.Dataset):
+    """Decodes and preprocesses one sample per item (in a worker); failures become reasons, not errors."""
+
+    def __init__(self, refs: list[SampleRef], modalities: dict[str, str], pre, frames: int):
+        self.refs, self.modalities, self.pre, self.frames = refs, modalities, pre, frames
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        ref = self.refs[i]
+        inputs, failed = {}, {}
+        for m, kind in self.modalities.items():
+            source = ref.sources.get(m)
+            if source is None:
+                continue  # absent for this sample, by the dataset's own listing
+            # A single odd file must not end a day-long run: any error becomes this sample's reason.
+            try:
+                decoded = decode(kind, source, ref.window, self.frames)
+            except DecodeError as err:
+                failed[m] = str(err)
+                continue
+            except Exception as err:
+                failed[m] = f"decoding failed ({type(err).__name__}: {str(err)[:150]})"
+                continue
+            try:
+                inputs[m] = self.pre.prepare(kind, decoded)
+            except Exception as err:
+                failed[m] = f"preprocessing failed ({type(err).__name__}: {str(err)[:150]})"
+        return {"id": ref.sample_id, "label": ref.label, "split": ref.split, "inputs": inputs, "failed": failed}
+
+
+class Collate:
+    """Drops unusable samples, then collates each modality over the samples that have it."""
+
+    def __init__(self, modalities: dict[str, str], pre, keep_partial: bool):
+        self.modalities, self.pre, self.keep_partial = modalities, pre, keep_partial
+
+    def __call__(self, items):
+        failures = [(it["id"], m, reason) for it in items for m, reason in it["failed"].items()]
+        keep = [it for it in items if it["inputs"] and (self.keep_partial or not it["failed"])]
+        failures += [(it["id"], "", "no source for the extracted modalities")
+                     for it in items if not it["inputs"] and not it["failed"]]
+        batch = {
+            "ids": [it["id"] for it in keep], "labels": [it["label"] for it in keep],
+            "splits": [it["split"] for it in keep], "failures": failures, "size": len(items),
+            "present": {}, "rows": {}, "inputs": {},
+        }
+        for m, kind in self.modalities.items():
+            rows = [i for i, it in enumerate(keep) if m in it["inputs"]]
+            batch["present"][m] = np.array([m in it["inputs"] for it in keep], dtype=bool)
+            batch["rows"][m] = np.array(rows, dtype=np.int64)
+            if rows:
+                batch["inputs"][m] = self.pre.collate(kind, [keep[i]["inputs"][m] for i in rows])
+        return batch
+
+
+def to_device(obj, device: torch.device):
+    """Tensors in nested dicts/lists/tuples to ``device`` (non-blocking: the loader pinned them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def select_modalities(dataset: DatasetAdapter, backbone: Backbone, requested: list[str] | None) -> tuple[dict, dict]:
+    """(modalities to extract {name: kind}, left out {name: why}) for this dataset and backbone."""
+    available = dict(dataset.modalities)
+    if requested:
+        unknown = [m for m in requested if m not in available]
+        if unknown:
+            raise DatasetError(f"dataset {dataset.name} has no modality {', '.join(unknown)}; "
+                               f"it has {', '.join(available)}")
+        available = {m: available[m] for m in requested}
+    chosen = {m: k for m, k in available.items() if k in backbone.kinds}
+    encodes = f"{backbone.family} encodes {', '.join(backbone.kinds)}"
+    left_out = {m: f"{k}: {encodes}" for m, k in available.items() if m not in chosen}
+    if not chosen:
+        have = ", ".join(f"{m} ({k})" for m, k in available.items())
+        raise BackboneError(f"backbone {encodes}; dataset {dataset.name} offers {have}: nothing to extract")
+    return chosen, left_out
+
+
+@dataclass
+class Summary:
+    """What one run did. Counts of ``written``/``failed`` cover all processes (known to process 0)."""
+
+    cache: Path
+    rank: int = 0
+    listed: int = 0
+    rejected_by_listing: int = 0
+    already_done: int = 0
+    attempted: int = 0
+    written: int = 0
+    failed_samples: int = 0
+    failed_modalities: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    in_cache: int = 0
+    left_out: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.attempted / self.seconds if self.seconds > 0 else 0.0
+
+
+def _write_parquet_atomic(frame, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, target)
+
+
+def _failure_frame(rows: list[tuple[str, str, str]]):
+    schema = {"sample_id": pl.String, "modality": pl.String, "reason": pl.String}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _merge_failed(path: Path, listed_ids: set[str], written_now: set[str]):
+    """Merge this run's per-process failure parts into failed.parquet (atomically).
+
+    A sample this run attempted has its old rows replaced (by new ones, or by nothing if it now
+    succeeded); rows of samples this run did not touch are kept; rows of samples no longer listed
+    are dropped. Returns this run's rows.
+    """
+    parts = sorted(path.glob(".failed-*.parquet"))
+    new = pl.concat([pl.read_parquet(p) for p in parts]) if parts else _failure_frame([])
+    old = pl.read_parquet(path / FAILED) if (path / FAILED).exists() else _failure_frame([])
+    touched = set(new["sample_id"].to_list()) | written_now
+    old = old.filter(~pl.col("sample_id").is_in(list(touched)) & pl.col("sample_id").is_in(list(listed_ids)))
+    merged = pl.concat([new, old]).unique(subset=["sample_id", "modality"], keep="first", maintain_order=True)
+    _write_parquet_atomic(merged, path / FAILED)
+    for p in parts:
+        p.unlink()
+    return new
+
+
+def _finish(path: Path, listing: DatasetListing, done_at_start: set[str], summary: Summary) -> None:
+    """Process 0, after every process closed its writer: manifest, failed.parquet, the run's counts."""
+    manifest = build_manifest(path)
+    done_now = set(manifest["sample_id"].to_list())
+    rejected = {s.sample_id for s in listing.skipped}
+    new = _merge_failed(path, {r.sample_id for r in listing.samples} | rejected, done_now - done_at_start)
+    in_cache = pl.col("sample_id").is_in(list(done_now))
+    summary.in_cache = manifest.height
+    summary.written = len(done_now - done_at_start)
+    summary.failed_samples = new.filter(~in_cache & ~pl.col("sample_id").is_in(list(rejected)))["sample_id"].n_unique()
+    summary.failed_modalities = new.filter(in_cache).height
+    summary.reasons = dict(new.group_by("reason").len().sort("len", descending=True).iter_rows())
+
+
+def _progress(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:7.1f} items/s" if task.speed else "      - items/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+
+
+def _settings(backbone_name: str, backbone: Backbone, modalities: dict, frames: int, dtype: torch.dtype) -> dict:
+    """What must not change between an interrupted run and its resume (JSON-normalised)."""
+    extraction = {"modality_kinds": modalities, "frames": frames, "audio_rate": AUDIO_RATE,
+                  "dtype": str(dtype).replace("torch.", "")}
+    return json.loads(json.dumps({"backbone": backbone_name, "backbone_config": backbone.record(),
+                                  "extraction": extraction}))
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings minus the weights' location: moving the weights folder does not change the features."""
+    out = json.loads(json.dumps(settings))
+    (out.get("backbone_config") or {}).get("info", {}).pop("weights", None)
+    return out
+
+
+def _encode(backbone: Backbone, batch: dict, modalities: dict, shapes: dict, extras: dict):
+    """Features ``{m: [n, T, D]}`` (zeros where a modality is absent) and extras of one collated batch.
+
+    Inputs go to the device without blocking (the loader pinned them); bf16/fp16 run under autocast.
+    """
+    n, device, dtype = len(batch["ids"]), backbone.device, backbone.dtype
+    feats = {m: np.zeros((n, *shapes[m]), np.float32) for m in modalities}
+    extra = {k: np.zeros(n, dt) for k, dt in extras.items()}
+    for m, kind in modalities.items():
+        rows = batch["rows"][m]
+        if not len(rows):
+            continue
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x, ext = backbone.encode(kind, to_device(batch["inputs"][m], device))
+        feats[m][rows] = x.float().cpu().numpy()
+        for name, value in ext.items():
+            extra[f"{m}_{name}"][rows] = value.cpu().numpy()
+    return feats, extra
+
+
+def _refuse_non_finite(ids: list[str], feats: dict, failures: list) -> np.ndarray:
+    """Indices of the samples whose features are all finite and fit float16; the others become failures."""
+    good = np.ones(len(ids), bool)
+    for m, x in feats.items():
+        flat = x.reshape(len(ids), -1)
+        finite = np.isfinite(flat).all(1)
+        huge = finite & (np.abs(flat).max(1, initial=0) > _F16_MAX)
+        failures += [(ids[i], m, "non-finite features (NaN or inf); refused") for i in np.flatnonzero(~finite)]
+        failures += [(ids[i], m, "features beyond the float16 range; refused") for i in np.flatnonzero(huge)]
+        good &= finite & ~huge
+    return np.flatnonzero(good)
+
+
+def run_extraction(
+    dataset: DatasetAdapter,
+    backbone: Backbone,
+    backbone_name: str,
+    cache_path: str | Path,
+    *,
+    frames: int = 3,
+    batch_size: int = 32,
+    workers: int = 4,
+    modalities: list[str] | None = None,
+    shard_size: int = 1024,
+    limit: int | None = None,
+    keep_partial: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Summary:
+    """Extract every sample of ``dataset`` not yet in the cache at ``cache_path``; see the module doc."""
+    path = Path(cache_path)
+    chosen, left_out = select_modalities(dataset, backbone, modalities)
+    shapes = {m: backbone.output_shape(kind, frames) for m, kind in chosen.items()}
+    settings = _settings(backbone_name, backbone, chosen, frames, backbone.dtype)
+    if (path / "meta.json").exists():
+        meta = load_meta(path)
+        old = {k: meta.get(k) for k in ("backbone", "backbone_config")} | {
+            "extraction": {k: v for k, v in (meta.get("extraction") or {}).items() if k in settings["extraction"]}}
+        if _comparable(old) != _comparable(settings):
+            raise CacheError(f"cache at {path} was made with other settings (backbone, its config or prompts, "
+                             f"frames, dtype); use another --out or delete it")
+    listing = dataset.listing()
+    ids = [r.sample_id for r in listing.samples]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"dataset {dataset.name} lists some sample ids twice")
+
+    def writer():
+        return CacheWriter(
+            path, dataset=dataset.name, backbone=backbone_name, modalities=shapes, class_names=dataset.class_names,
+            split_rule=listing.split_rule, backbone_config=settings["backbone_config"], shard_size=shard_size,
+            rank=rank, extra_meta={"extraction": {
+                **settings["extraction"], "data_root": str(dataset.data_root.resolve()),
+                "dataset_options": {k: str(v) for k, v in dataset.options.items()}}},
+        )
+
+    if rank == 0:  # process 0 writes meta.json and clears failure parts a crashed run left, before anyone writes
+        out = writer()
+        for stale in path.glob(".failed-*.parquet"):
+            stale.unlink()
+    barrier()
+    if rank != 0:
+        out = writer()
+    done_at_start = set(out.done_ids)
+    todo = [r for r in listing.samples[rank::world] if r.sample_id not in done_at_start]
+    todo = todo[:limit] if limit is not None else todo
+    summary = Summary(cache=path, rank=rank, listed=len(ids), rejected_by_listing=len(listing.skipped),
+                      attempted=len(todo), already_done=len(done_at_start & set(ids)), left_out=left_out)
+    if rank == 0:
+        for m, why in left_out.items():
+            log(f"left out modality {m} ({why})")
+        if done_at_start:
+            log(f"resuming: {summary.already_done} of {len(ids)} samples already in {path}")
+
+    pre = backbone.preprocessor()
+    if workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers
+    loader = torch.utils.data.DataLoader(
+        SampleSet(todo, chosen, pre, frames), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=Collate(chosen, pre, keep_partial), pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    extras = {f"{m}_{name}": dt for m, kind in chosen.items() for name, dt in backbone.extras(kind).items()}
+    failures: list[tuple[str, str, str]] = []
+    threads = torch.get_num_threads()
+    if backbone.device.type == "cpu" and workers > 0:
+        # The model and the decoding workers share the cores: more intra-op threads than the cores
+        # left over make OpenMP threads wait on each other (5-10x slower on a busy 2-core machine).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - workers))
+    start = time.perf_counter()
+    try:
+        with _progress(progress and rank == 0) as bar, torch.inference_mode():
+            task = bar.add_task(f"{dataset.name} · {backbone_name}", total=len(todo))
+            for batch in loader:
+                failures += batch["failures"]
+                if batch["ids"]:
+                    feats, extra = _encode(backbone, batch, chosen, shapes, extras)
+                    keep = _refuse_non_finite(batch["ids"], feats, failures)
+                    out.add([batch["ids"][i] for i in keep], np.asarray(batch["labels"])[keep],
+                            [batch["splits"][i] for i in keep], {m: x[keep] for m, x in feats.items()},
+                            {m: p[keep] for m, p in batch["present"].items()}, {k: v[keep] for k, v in extra.items()})
+                bar.advance(task, batch["size"])
+    except BaseException:
+        out.close(finalize=False)  # keep what is whole; the rerun resumes from there
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    out.close(finalize=False)
+    summary.seconds = time.perf_counter() - start
+    rows = failures + ([(s.sample_id, "", s.reason) for s in listing.skipped] if rank == 0 else [])
+    _write_parquet_atomic(_failure_frame(rows), path / f".failed-{rank:02d}.parquet")
+    barrier()
+    if rank == 0:
+        _finish(path, listing, done_at_start, summary)
+    barrier()
+    return summary
+
+
+def extract(
+    dataset_name: str,
+    data_root: str | Path,
+    backbone_name: str,
+    weights: str | Path | None,
+    *,
+    out: str | Path = "features",
+    config: dict | None = None,
+    dataset_options: dict | None = None,
+    dtype: str | None = None,
+    **options,
+) -> Summary:
+    """Set up one process (under ``accelerate launch``, one of several) and run the extraction.
+
+    The cache goes to ``<out>/<dataset>/<backbone>/``. ``dtype`` defaults to bf16 on a GPU and fp32
+    on the CPU; ``options`` are those of ``run_extraction``.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Without a GPU (or with `accelerate launch --cpu`) the processes talk over gloo on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if dtype is not None and dtype not in DTYPES:
+        raise BackboneError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    compute = DTYPES[dtype or ("bf16" if state.device.type == "cuda" else "fp32")]
+    dataset = get_dataset(dataset_name, data_root, **(dataset_options or {}))
+    backbone = build_backbone(backbone_name, weights, config, state.device, compute)
+    return run_extraction(
+        dataset, backbone, backbone_name, Path(out) / dataset.name / backbone_name,
+        rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone, **options,
+    )
