@@ -133,7 +133,7 @@ def train_head(
 @app.command()
 @friendly
 def compare(
-    methods: str = typer.Option("concat,sum,late,ogm-ge", help="Comma-separated method specs; NAME[key=value;...] sets options."),
+    methods: str = typer.Option(None, help="Comma-separated method specs, NAME[key=value;...] sets options (default: every method)."),
     seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
@@ -150,7 +150,9 @@ def compare(
     from heads.runner import compare as run_compare
     from heads.runner import parse_seeds, split_specs, timestamp
 
-    specs = split_specs(methods)
+    from heads.methods import METHODS
+
+    specs = split_specs(methods or ",".join(METHODS))
     seed_list = parse_seeds(seeds)
     base = _train_config(specs[0].split("[")[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
                          missing_train, missing_test)
@@ -160,6 +162,93 @@ def compare(
     typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
     typer.echo(table.rstrip())
     typer.echo(f"written to {folder}")
+
+
+@app.command("grid", context_settings=EXTRA)
+@friendly
+def grid_cmd(
+    ctx: typer.Context,
+    method: str = typer.Option(..., help="Method to tune; `cli.py methods` lists its options."),
+    seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
+    cache: str = CACHE, epochs: int = EPOCHS,
+    prune: bool = typer.Option(False, help="Successive halving: the worse half of the configs stops at E/8, E/4, E/2."),
+    protocol: str = typer.Option("joint", help="joint (every combination of the axes) or ccat (--rank first, then --beta at the best rank)."),
+    workers: int = typer.Option(0, help="Worker processes, one thread each (0 = one per core, 1 = in this process)."),
+    modalities: str = MODALITIES,
+    name: str = typer.Option(None, help="Folder name under --out (default: grid-METHOD-time); the same name resumes."),
+    out: Path = OUT, quiet: bool = QUIET,
+):
+    """Tune a method over seeds and select on validation; axes follow as --name values.
+
+    Values: 0.1,0.5 (a list), 0.0:0.9:0.1 (an inclusive range), 'a,b|c,d' (values with commas).
+    Any method option or training setting is an axis: --tau 0.0:0.9:0.1 --lr 1e-3,3e-3 --no-align.
+    Writes OUT/NAME/: one folder per run, grid.json, grid.parquet, grid.csv, grid.md, grid.png.
+    """
+    from heads.data import load_head_data
+    from heads.grid import parse_axis_args, run_grid
+    from heads.runner import parse_seeds, timestamp
+
+    axes = parse_axis_args(method, list(ctx.args))
+    seed_list = parse_seeds(seeds)
+    # Settings that are not axes keep the defaults of train-head, read from the shared options.
+    base = _train_config(method, epochs, 0, LR.default, BATCH.default, OPTIM.default, HIDDEN.default, WD.default,
+                         0.0, 0.0)
+    data = load_head_data(resolve_caches(cache), _split_list(modalities))
+    folder = out / (name or f"grid-{method}-{timestamp()}")
+    outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet)
+    sel = outcome.selection
+    typer.echo((folder / "grid.md").read_text().rstrip())
+    typer.echo(f"selected on validation: {sel.config} · val {sel.val_mean:.2f} ± {sel.val_std:.2f} · "
+               f"test {sel.test_mean:.2f} ± {sel.test_std:.2f} ({sel.seeds} seed(s))")
+    runs = len({r["run"] for r in outcome.records})  # a config in both CCAT stages is one run
+    typer.echo(f"{runs} runs in {outcome.seconds:.1f} s · written to {folder} "
+               "(grid.json, grid.parquet, grid.csv, grid.md, grid.png)")
+
+
+@app.command("robustness")
+@friendly
+def robustness_cmd(
+    methods: str = typer.Option("concat,edm", help="Comma-separated method specs, NAME[key=value;...] sets options."),
+    missing: str = typer.Option("0,0.1,0.3,0.5,0.7", help="Missing rates η in [0, 1), comma-separated (0 is always added)."),
+    protocol: str = typer.Option("both", help="mla (masked in train, val and test), test-only (masked at test only) or both."),
+    seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
+    cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
+    hidden: int = HIDDEN, weight_decay: float = WD, modalities: str = MODALITIES,
+    workers: int = typer.Option(0, help="Worker processes, one thread each (0 = one per core, 1 = in this process)."),
+    name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
+    out: Path = OUT, quiet: bool = QUIET,
+):
+    """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
+
+    Writes OUT/NAME/: one folder per run, robustness.json, .parquet, .csv, .md and .png.
+    """
+    from heads.data import load_head_data
+    from heads.robustness import parse_protocols, parse_rates, run_robustness
+    from heads.runner import parse_method_spec, parse_seeds, split_specs, timestamp
+
+    labels = split_specs(methods)
+    names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
+    rates, protocols, seed_list = parse_rates(missing), parse_protocols(protocol), parse_seeds(seeds)
+    base = _train_config(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0)
+    data = load_head_data(resolve_caches(cache), _split_list(modalities))
+    folder = out / (name or f"robustness-{timestamp()}")
+    run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
+    typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
+    typer.echo((folder / "robustness.md").read_text().rstrip())
+    typer.echo(f"written to {folder} (robustness.json, .parquet, .csv, .md, .png)")
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    folders: list[Path] = typer.Argument(..., help="Run, compare, grid or robustness folders."),
+    out: Path = typer.Option(None, "--out", help="One report.md for all folders here (default: a report.md in each folder)."),
+):
+    """Paper-style Markdown tables and PNG figures (per-epoch EDM, φ, order; τ/β curves; robustness curves)."""
+    from heads.report import write_report
+
+    for path in write_report(folders, out):
+        typer.echo(f"wrote {path} (figures beside it)")
 
 
 @app.command()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 
 def _fmt(values: list[float]) -> str:
@@ -30,3 +31,144 @@ def results_table(results: list[dict], modalities: list[str], split: str = "test
         cells += [_fmt([r["acc"] for r in rows]), _fmt([r["f1"] for r in rows]), _fmt([r["edm"] for r in rows])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --- sweeps and the `report` command -----------------------------------------------------------
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def grid_markdown(info: dict, summary: list[dict]) -> str:
+    """The grid as the papers report a hyper-parameter study: one row per config, selection on validation.
+
+    ``info`` is ``grid.json``; ``summary`` the per-config rows of ``heads.grid.summarize``.
+    """
+    sel = info["selected"]
+    lines = [f"Grid of `{info['method']}` · protocol {info['protocol']} · seeds {', '.join(map(str, info['seeds']))}"
+             f"{' · pruned by successive halving' if info['prune'] else ''}", "",
+             f"**Selected on validation: `{sel['config']}`** · validation {_pm(sel['val_mean'], sel['val_std'], sel['seeds'])}"
+             f" · test {_pm(sel['test_mean'], sel['test_std'], sel['seeds'])} ({sel['seeds']} seed(s))", ""]
+    for stage in sorted({r.get("stage") or 0 for r in summary}):
+        rows = [r for r in summary if (r.get("stage") or 0) == stage]
+        axes = list(rows[0]["values"])
+        if stage:
+            lines += [f"Stage {stage}", ""]
+        head = axes + ["seeds", "val acc", "test acc", "test EDM", "stopped at"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            mark = " ◀" if r["config"] == sel["config"] else ""
+            cells = [str(r["values"][a]) for a in axes] + [
+                str(r["seeds"]), _pm(r["val_acc"], r["val_acc_std"], r["seeds"]) + mark,
+                _pm(r["test_acc"], r["test_acc_std"], r["seeds"]), _pm(r["test_edm"], r["test_edm_std"], r["seeds"]),
+                "-" if r["stopped_at"] is None else f"epoch {r['stopped_at']}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def robustness_markdown(summary: list[dict]) -> str:
+    """The papers' robustness tables: test accuracy (mean ± std) per method (rows) and missing rate (columns)."""
+    titles = {"mla": "Missing in train, validation and test (MLA protocol)",
+              "test-only": "Missing at test only (EDM paper, Table VI)"}
+    lines = []
+    for protocol in dict.fromkeys(r["protocol"] for r in summary):
+        rows = [r for r in summary if r["protocol"] == protocol]
+        rates = sorted({r["rate"] for r in rows})
+        cell = {(r["method"], r["rate"]): _pm(r["test_acc"], r["test_acc_std"], r["seeds"]) for r in rows}
+        head = ["method"] + [f"η = {100 * rate:g}%" for rate in rates]
+        lines += [f"{titles.get(protocol, protocol)} · test accuracy (%)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            lines.append("| " + " | ".join([method] + [cell.get((method, rate), "-") for rate in rates]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def folder_kind(path: Path) -> str:
+    """``grid``, ``robustness``, ``compare`` or ``run``, from the files the commands write."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"no folder {path}")
+    if (path / "grid.json").exists():
+        return "grid"
+    if (path / "robustness.json").exists():
+        return "robustness"
+    if (path / "results.json").exists() and (path / "epochs.csv").exists():
+        return "run"
+    if any((p / "results.json").exists() for p in path.iterdir() if p.is_dir()):
+        return "compare"
+    raise FileNotFoundError(f"{path} is not a run, compare, grid or robustness folder (no results.json, grid.json or robustness.json)")
+
+
+def _epochs(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "epochs.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _modalities(run: Path) -> list[str]:
+    import json
+
+    return json.loads((run / "config.json").read_text())["spec"]["modalities"]
+
+
+def _by_label(runs: list[Path]) -> dict[str, list[Path]]:
+    import json
+
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for run in runs:
+        record = json.loads((run / "results.json").read_text())
+        groups[record.get("label", record["method"])].append(run)
+    return groups
+
+
+def folder_report(path: Path, out: Path, prefix: str) -> str:
+    """One folder's Markdown section; its figures are written into ``out`` as ``<prefix>-*.png``."""
+    import json
+
+    from heads import plots
+
+    kind = folder_kind(path)
+    section = [f"## {path.name} ({kind})", ""]
+    if kind == "grid":
+        info = json.loads((path / "grid.json").read_text())
+        section.append(grid_markdown(info, info["summary"]))
+        curve = plots.grid_curves(info["summary"], info["selected"]["config"], out / f"{prefix}-grid.png",
+                                  f"{info['method']} grid")
+        section += [f"![grid curve]({curve.name})", ""]
+        runs = [path / name for name in dict.fromkeys(info["runs"]) if name.startswith(info["selected"]["config"] + "-seed")]
+        title = f"selected {info['selected']['config']}"
+    elif kind == "robustness":
+        info = json.loads((path / "robustness.json").read_text())
+        section.append(robustness_markdown(info["summary"]))
+        curve = plots.robustness_curves(info["summary"], out / f"{prefix}-robustness.png", info.get("dataset") or "")
+        section += [f"![robustness]({curve.name})", ""]
+        return "\n".join(section)
+    elif kind == "compare":
+        runs = sorted(p for p in path.iterdir() if (p / "results.json").exists() and (p / "epochs.csv").exists())
+        title = path.name
+    else:
+        runs, title = [path], path.name
+    modalities = _modalities(runs[0])
+    records = [json.loads((run / "results.json").read_text()) for run in runs]
+    if kind != "grid":
+        section += ["Test split (mean ± std over seeds), selection on validation:", "", results_table(records, modalities)]
+    groups = {label: [_epochs(run) for run in members] for label, members in _by_label(runs).items()}
+    figure = plots.epoch_curves(groups, modalities, out / f"{prefix}-epochs.png", title)
+    section += [f"![per-epoch validation accuracy, EDM, φ and order]({figure.name})", ""]
+    return "\n".join(section)
+
+
+def write_report(paths: list[Path], out: Path | None = None) -> list[Path]:
+    """``report.md`` with the paper-style tables and PNG figures: one per folder, or one for all in ``out``."""
+    written = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        sections = [folder_report(p, out, p.name) for p in paths]
+        (out / "report.md").write_text("# Report\n\n" + "\n".join(sections))
+        written.append(out / "report.md")
+    else:
+        for p in paths:
+            (p / "report.md").write_text(f"# Report: {p.name}\n\n" + folder_report(p, p, "report"))
+            written.append(p / "report.md")
+    return written

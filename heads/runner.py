@@ -58,7 +58,8 @@ def parse_seeds(text: str) -> list[int]:
     except ValueError:
         raise OptionError(f"--seeds takes a count (3) or a list (0,5,9), got {text!r}") from None
     if count < 1:
-        raise OptionError("--seeds must be at least 1")
+        raise OptionError("--seeds N is a count of seeds (3 → 0,1,2) and must be at least 1; "
+                          "for one given seed write a list, e.g. --seeds 0,")
     return list(range(count))
 
 
