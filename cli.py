@@ -96,6 +96,7 @@ MISS_TEST = typer.Option(0.0, "--missing-test", help="Mask each modality with th
 MODALITIES = typer.Option(None, "--modalities", help="Use only these modalities (comma-separated).")
 OUT = typer.Option(Path("runs"), "--out", help="Folder for run folders.")
 QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+WORKERS = typer.Option(0, help="Worker processes, one thread each (0 = one per core, 1 = in this process).")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -138,8 +139,8 @@ def compare(
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
     missing_test: float = MISS_TEST, modalities: str = MODALITIES,
-    name: str = typer.Option(None, help="Folder name under --out (default: compare-time)."),
-    out: Path = OUT, quiet: bool = QUIET,
+    name: str = typer.Option(None, help="Folder name under --out (default: compare-time); rerun to resume."),
+    out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS,
 ):
     """Train several methods over several seeds; print and write the paper-style table (mean ± std).
 
@@ -147,10 +148,9 @@ def compare(
     (inside brackets separate options with ';' or ',').
     """
     from heads.data import load_head_data
+    from heads.methods import METHODS
     from heads.runner import compare as run_compare
     from heads.runner import parse_seeds, split_specs, timestamp
-
-    from heads.methods import METHODS
 
     specs = split_specs(methods or ",".join(METHODS))
     seed_list = parse_seeds(seeds)
@@ -158,7 +158,7 @@ def compare(
                          missing_train, missing_test)
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     folder = out / (name or f"compare-{timestamp()}")
-    table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet)
+    table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
     typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
     typer.echo(table.rstrip())
     typer.echo(f"written to {folder}")
@@ -173,7 +173,7 @@ def grid_cmd(
     cache: str = CACHE, epochs: int = EPOCHS,
     prune: bool = typer.Option(False, help="Successive halving: the worse half of the configs stops at E/8, E/4, E/2."),
     protocol: str = typer.Option("joint", help="joint (every combination of the axes) or ccat (--rank first, then --beta at the best rank)."),
-    workers: int = typer.Option(0, help="Worker processes, one thread each (0 = one per core, 1 = in this process)."),
+    workers: int = WORKERS,
     modalities: str = MODALITIES,
     name: str = typer.Option(None, help="Folder name under --out (default: grid-METHOD-time); the same name resumes."),
     out: Path = OUT, quiet: bool = QUIET,
@@ -214,7 +214,7 @@ def robustness_cmd(
     seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, modalities: str = MODALITIES,
-    workers: int = typer.Option(0, help="Worker processes, one thread each (0 = one per core, 1 = in this process)."),
+    workers: int = WORKERS,
     name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
     out: Path = OUT, quiet: bool = QUIET,
 ):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
-from heads.core import OptionError, TrainConfig, fit, resolve_options
+from heads.core import OptionError, TrainConfig, resolve_options
 from heads.data import HeadData
 from heads.report import results_table
 
@@ -68,20 +67,21 @@ def timestamp() -> str:
 
 
 def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
-            progress: bool = True) -> tuple[str, list[dict]]:
-    """Fit every method spec with every seed; write each run, the results CSV and the table."""
-    parsed = [(spec, *parse_method_spec(spec)) for spec in specs]
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for label, name, options in parsed:
-        for seed in seeds:
-            cfg = replace(base, method=name, seed=seed, options=options)
-            run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}-seed{seed}"
-            result = fit(data, cfg, run_dir, progress=progress)
-            record = json.loads((run_dir / "results.json").read_text())
-            record["label"] = label
-            results.append(record)
-            (run_dir / "results.json").write_text(json.dumps(record, indent=2))
+            progress: bool = True, workers: int = 0) -> tuple[str, list[dict]]:
+    """Fit every method spec with every seed; write each run, the results CSV and the table.
+
+    The runs go through the grid's sweep runner: one worker process per core (``workers``; 1 trains
+    here), the cache loaded once, and a rerun of the same command skips the runs already finished.
+    """
+    from heads.grid import RunSpec, run_sweep
+
+    runs = []
+    for spec in specs:
+        name, options = parse_method_spec(spec)
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
+                         {"label": spec}) for seed in seeds]
+    results = run_sweep(data, runs, out, workers, progress=progress)
     table = results_table(results, data.spec.modalities)
     (out / "table.md").write_text(table)
     with open(out / "results.csv", "w", newline="") as f:
