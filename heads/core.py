@@ -258,7 +258,7 @@ class Trainer:
             report = evaluate(model, self.val, self.data.spec, self.eval_batch_size)
             extra = model.end_epoch(report)
             self.rows.append({"epoch": epoch, "train_loss": float(total) / max(count, 1), **report.row("val_"), **extra})
-            if report.acc > self.best:
+            if report.acc >= self.best:  # ties: the later epoch (README, "Selection and reproducibility")
                 self.best, self.best_epoch = report.acc, epoch
                 self.best_state = copy.deepcopy(model.state_dict())
             self.epoch = epoch
