@@ -9,6 +9,7 @@ from pathlib import Path
 
 from heads.core import OptionError, TrainConfig, resolve_options
 from heads.data import HeadData
+from heads.grid import RunSpec, run_sweep
 from heads.report import results_table
 
 _SPEC = re.compile(r"^([a-z][a-z0-9_-]*)(?:\[(.*)\])?$")
@@ -73,8 +74,6 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
     The runs go through the grid's sweep runner: one worker process per core (``workers``; 1 trains
     here), the cache loaded once, and a rerun of the same command skips the runs already finished.
     """
-    from heads.grid import RunSpec, run_sweep
-
     runs = []
     for spec in specs:
         name, options = parse_method_spec(spec)
