@@ -18,6 +18,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str) -> Path:
+    """Title, layout, write the PNG and free the figure (pyplot keeps every open figure alive)."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _mean_curve(runs: list[list[dict]], column: str) -> tuple[list[int], list[float]]:
     """Mean over seeds of a per-epoch column, over the epochs every seed reached."""
     length = min(len(rows) for rows in runs)
@@ -57,12 +67,7 @@ def epoch_curves(runs: dict[str, list[list[dict]]], modalities: list[str], path:
         axes[3].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def _is_number(value) -> bool:
@@ -108,10 +113,7 @@ def grid_curves(summary: list[dict], selected: str, path: Path, title: str = "")
         ax.set_title(f"stage {stage}" if stage else (title or "grid"), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, "")  # the title is already on the panels
 
 
 def robustness_curves(summary: list[dict], path: Path, title: str = "") -> Path:
@@ -132,9 +134,4 @@ def robustness_curves(summary: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy (%)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
