@@ -1,13 +1,16 @@
-"""Speed of stage two on the built-in `av` data: seconds per epoch and 100-epoch wall time per method.
+"""Speed of stage two on the built-in `av` data: seconds per epoch and 100-epoch run time per method.
 
-Also measures this machine's fp32 matmul rate on the head's shapes in the same run, so the
-result can be read as a ratio to the arithmetic bound (these machines are shared and noisy).
+The methods train side by side, one epoch of each in turn, so a slow spell of the shared machine
+hits all of them alike and their ratios hold. The machine's fp32 matmul rate on the head's shapes
+is sampled before every round, so each time can also be read as a multiple of the arithmetic bound
+of a concat run measured in the same run.
 
     .venv/bin/python benchmarks/bench_heads.py [--methods concat,...] [--epochs 100]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cache.synthetic import builtin_cache  # noqa: E402
-from heads.core import TrainConfig, fit  # noqa: E402
+from heads.core import TrainConfig, Trainer  # noqa: E402
 from heads.data import load_head_data  # noqa: E402
 from heads.methods import METHODS  # noqa: E402
 
@@ -48,20 +51,29 @@ def main() -> None:
     data = load_head_data([builtin_cache(args.preset, ROOT / "data" / "builtin")])
     cfg = TrainConfig()
     dims = [data.spec.dims[m] for m in data.spec.modalities]
-    gflops = matmul_gflops(cfg.batch_size, dims, cfg.hidden)
+    methods = args.methods.split(",")
+    trainers = {m: Trainer(data, TrainConfig(method=m, epochs=args.epochs)) for m in methods}
+    rates = []
+    for epoch in range(1, args.epochs + 1):
+        rates.append(matmul_gflops(cfg.batch_size, dims, cfg.hidden, repeats=5))
+        for trainer in trainers.values():
+            trainer.run(epoch)
+    results = {m: t.finish() for m, t in trainers.items()}
+    gflops = statistics.mean(rates)
     # One epoch of concat: forward + weight gradient of every projection on every training sample.
     epoch_gflop = 4 * len(data.train) * sum(dims) * cfg.hidden / 1e9
     bound = args.epochs * epoch_gflop / gflops
-    print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {gflops:.0f} GFLOP/s on the head's shapes")
+    print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {gflops:.0f} GFLOP/s on the head's shapes "
+          f"(mean of {len(rates)} samples, {min(rates):.0f}–{max(rates):.0f})")
     print(f"data: {args.preset}, train {len(data.train)}, val {len(data.val)}, test {len(data.test)}; "
           f"batch {cfg.batch_size}, hidden {cfg.hidden}")
     print(f"arithmetic bound of a {args.epochs}-epoch concat run: {args.epochs * epoch_gflop:.0f} GFLOP → {bound:.1f} s")
-    print(f"{'method':10s} {'s/epoch':>8s} {'wall (s)':>9s} {'× bound':>8s} {'test acc':>9s}")
-    for method in args.methods.split(","):
-        result = fit(data, TrainConfig(method=method, epochs=args.epochs), progress=False)
-        print(f"{method:10s} {result.seconds / args.epochs:8.3f} {result.seconds:9.1f} {result.seconds / bound:8.2f} "
-              f"{result.test.acc:9.2f}")
-
+    reference = results["concat"].seconds if "concat" in results else None
+    print(f"{'method':10s} {'s/epoch':>8s} {'run (s)':>8s} {'× bound':>8s} {'× concat':>9s} {'test acc':>9s}")
+    for method, result in results.items():
+        versus = f"{result.seconds / reference:9.2f}" if reference else f"{'-':>9s}"
+        print(f"{method:10s} {result.seconds / args.epochs:8.3f} {result.seconds:8.1f} {result.seconds / bound:8.2f} "
+              f"{versus} {result.test.acc:9.2f}")
 
 if __name__ == "__main__":
     main()

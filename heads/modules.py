@@ -35,10 +35,10 @@ class Alignment(nn.Module):
         """The row-normalised ``S'`` ([B, B]); exposed for tests and analysis."""
         s = nn.functional.normalize(h_cur, dim=1, eps=1e-8) @ nn.functional.normalize(h_prev, dim=1, eps=1e-8).T
         if self.gate is None:
-            s = s * (s > self.tau)
+            s = torch.where(s > self.tau, s, 0.0)
         else:
             s = torch.sigmoid(self.gate(s.unsqueeze(-1)).squeeze(-1)) * s
-        s = torch.where(torch.eye(s.shape[0], dtype=torch.bool, device=s.device), torch.ones_like(s), s)
+        s.diagonal().fill_(1.0)  # in place on a fresh tensor; the diagonal gets no gradient, as it should
         return s / s.abs().sum(1, keepdim=True)
 
     def forward(self, h_cur: torch.Tensor, h_prev: torch.Tensor, state_prev: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,14 @@ class MemoryCell(nn.Module):
 
     ``u = W_u [h ; a] + b_u`` fuses a modality's features (width d) with what alignment brought from
     the chain (width of the memory); forget, input and output gates and the candidate read
-    ``[u ; H_prev]``; ``C = f ⊙ C_prev + i ⊙ C̃``, ``H = o ⊙ tanh(C)``. The gate product is split
-    into ``W_gu u + W_gH H_prev`` (the same function): ``H_prev`` arrives detached, so autograd then
-    skips its input gradient, a quarter of the cell's backward arithmetic.
+    ``[u ; H_prev]``; ``C = f ⊙ C_prev + i ⊙ C̃``, ``H = o ⊙ tanh(C)``.
+
+    Three ways of computing the same function keep the cell cheap (it is most of the method's
+    arithmetic): the gate product is split into ``W_gu u + W_gH H_prev``, so that autograd skips the
+    input gradient of the detached ``H_prev``; ``a = None`` stands for ``a = 0`` (the first chain step)
+    and skips that block of ``W_u``, whose gradient is then exactly zero as it would be; and a state
+    of one row ``[1, m]`` (the inherited state every sample starts from) is multiplied once and
+    broadcast instead of once per sample.
     """
 
     def __init__(self, hidden: int, memory: int):
@@ -62,10 +67,15 @@ class MemoryCell(nn.Module):
         self.gates_h = nn.Linear(memory, 4 * memory, bias=False)
 
     def forward(self, h, a, h_state, c_state):
-        u = self.fuse(torch.cat([h, a], 1))
-        f, i, o, candidate = (self.gates_u(u) + self.gates_h(h_state)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c_state + torch.sigmoid(i) * torch.tanh(candidate)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        if a is None:
+            u = nn.functional.linear(h, self.fuse.weight[:, :h.shape[1]], self.fuse.bias)
+        else:
+            u = self.fuse(torch.cat([h, a], 1))
+        gates = self.gates_u(u) + self.gates_h(h_state)
+        m = c_state.shape[1]
+        f, i, o = torch.sigmoid(gates[:, :3 * m]).chunk(3, dim=1)  # one sigmoid for the three gates
+        c = f * c_state + i * torch.tanh(gates[:, 3 * m:])
+        return o * torch.tanh(c), c
 
 
 class LoRA(nn.Module):

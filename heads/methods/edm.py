@@ -11,11 +11,14 @@ After each epoch the core measures Shapley values on validation; ``end_epoch`` s
 by deviation ``δ_m`` for the next epoch (weak-to-strong; or strong-to-weak, random, fixed for the
 paper's order analysis). The first chain state ``(H_0, C_0)`` is inherited: an exponential moving
 average of the batch mean of the last step's state across batches and epochs (choice), saved with
-the model and used at inference. The memory state is 128 wide by default (``--memory-dim``; choice:
-the cell is most of the method's arithmetic, and at d = 256 a run costs about 5× a concat run
-instead of about 2.5×). Inference chains through each sample's present modalities in the
-order of the last trained epoch, the order the selected checkpoint's validation score was measured
-with; a sample's absent modality is skipped (its state passes through unchanged).
+the model and used at inference. The memory state is 64 wide by default (``--memory-dim``; choice,
+the paper gives no width). The cell's gate products grow with the square of the width, so a run
+costs about 1.75× a concat run at 64, 2.2× at 128 and 4.4× at d = 256. On both built-in presets 64
+did as well as 128 within the seed spread, with a lower EDM (benchmarks/RESULTS.md). The classifier
+reads H, so with many classes (Food-101) a wider memory may pay off. Inference chains through each
+sample's present modalities in the order of the last trained epoch, the order the selected
+checkpoint's validation score was measured with; a sample's absent modality is skipped (its state
+passes through unchanged).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class EDMOptions:
     memory: bool = field(default=True, metadata={"help": "LSTM-style memory cell (off: H_k = h_k + a_k)"})
     inherit: bool = field(default=True, metadata={"help": "inherit (H_0, C_0) across batches and epochs (off: zeros)"})
     inherit_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the inherited state"})
-    memory_dim: int = field(default=128, metadata={"help": "width of the memory state H, C (0 = the hidden width d)"})
+    memory_dim: int = field(default=64, metadata={"help": "width of the memory state H, C (0 = the hidden width d)"})
 
 
 class EDM(HeadMethod):
@@ -76,11 +79,12 @@ class EDM(HeadMethod):
 
     # --- the chain ---------------------------------------------------------------------------------
     def initial_state(self, batch):
-        """``(h_prev, started, H_0, C_0)`` before the first step; ``H_0, C_0`` are the inherited memory."""
+        """``(h_prev, started, H_0, C_0)`` before the first step; ``H_0, C_0`` are the inherited memory,
+        one row ``[1, width]`` that broadcasts over the batch (the cell multiplies it once)."""
         n = len(batch)
         h_prev = torch.zeros(n, self.cfg.hidden)
         started = torch.zeros(n, dtype=torch.bool)
-        return h_prev, started, self.memory_h.expand(n, -1), self.memory_c.expand(n, -1)
+        return h_prev, started, self.memory_h.unsqueeze(0), self.memory_c.unsqueeze(0)
 
     def chain_step(self, m, batch, h_prev, started, state_h, state_c):
         """One modality's step for every sample that has it; the others pass their state through.
@@ -89,19 +93,24 @@ class EDM(HeadMethod):
         have had one; a sample's first present modality gets ``a = 0``. Samples that have not started
         have zero ``h_prev``, whose similarity 0 never passes the gate, so nobody aligns to them.
         """
-        present = batch.present[m].unsqueeze(1)
-        h = self.proj[m](batch.x[m]) * present
+        present = batch.present[m]
+        everyone = bool(present.all())  # the usual case: masking would change nothing, so skip it
+        h = self.proj[m](batch.x[m])
+        if not everyone:
+            h = h * present.unsqueeze(1)
+        a = None  # a = 0: the cell skips its block
         if self.opts.align and started.any():
-            a = self.align(h, h_prev, state_h) * started.unsqueeze(1)
-        else:
-            a = torch.zeros_like(state_h)
+            a = self.align(h, h_prev, state_h)
+            if not started.all():
+                a = a * started.unsqueeze(1)
         if self.cell is not None:
             new_h, new_c = self.cell(h, a, state_h, state_c)
         else:
-            new_h, new_c = h + a, state_c
-        new_h = torch.where(present, new_h, state_h)
-        new_c = torch.where(present, new_c, state_c)
-        return torch.where(present, h, h_prev), started | present.squeeze(1), new_h, new_c
+            new_h, new_c = h if a is None else h + a, state_c
+        if not everyone:
+            keep = present.unsqueeze(1)
+            new_h, new_c, h = torch.where(keep, new_h, state_h), torch.where(keep, new_c, state_c), torch.where(keep, h, h_prev)
+        return h, started | present, new_h, new_c
 
     def train_step(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
@@ -127,7 +136,7 @@ class EDM(HeadMethod):
         for m in self.order:
             if batch.present[m].any():
                 h_prev, started, state_h, state_c = self.chain_step(m, batch, h_prev, started, state_h, state_c)
-        return self.cls(state_h)
+        return self.cls(state_h.expand(len(batch), -1))  # one row if no modality was present
 
     # --- the schedule ------------------------------------------------------------------------------
     def start_epoch(self, epoch):
