@@ -190,6 +190,21 @@ def test_inheritance_moves_the_initial_state_only_when_enabled():
         assert (model.memory_h.abs().sum() > 0) == inherit and (model.memory_c.abs().sum() > 0) == inherit
 
 
+def test_inherited_state_that_no_step_replaces_stays_as_it_is():
+    # Without the cell, C passes through every step untouched, so its moving average must not move
+    # (the state read back is a view of the buffer being updated).
+    spec2 = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
+    model = edm(spec2, memory=False)
+    model.optimizer = model.configure_optimizer()
+    model.start_epoch(1)
+    with torch.no_grad():
+        model.memory_c.copy_(torch.linspace(-1, 1, model.memory_c.numel()))
+    before = model.memory_c.clone()
+    model.train_step(batch(spec2, n=8))
+    torch.testing.assert_close(model.memory_c, before)
+    assert not torch.equal(model.memory_h, torch.zeros_like(model.memory_h))  # H did move
+
+
 def test_any_number_of_modalities_forms_a_chain():
     spec5 = DataSpec(list("pqrst"), dict.fromkeys("pqrst", 3), dict.fromkeys("pqrst", 1), 2, ["n", "y"], 0)
     model = edm(spec5)

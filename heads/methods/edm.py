@@ -109,7 +109,8 @@ class EDM(HeadMethod):
             new_h, new_c = h if a is None else h + a, state_c
         if not everyone:
             keep = present.unsqueeze(1)
-            new_h, new_c, h = torch.where(keep, new_h, state_h), torch.where(keep, new_c, state_c), torch.where(keep, h, h_prev)
+            new_h, new_c = torch.where(keep, new_h, state_h), torch.where(keep, new_c, state_c)
+            h = torch.where(keep, h, h_prev)
         return h, started | present, new_h, new_c
 
     def train_step(self, batch):
@@ -127,8 +128,10 @@ class EDM(HeadMethod):
             h_prev, state_h, state_c = h_seen.detach(), new_h.detach(), new_c.detach()
         if self.opts.inherit:
             beta = self.opts.inherit_momentum
-            self.memory_h.mul_(beta).add_(state_h.mean(0), alpha=1 - beta)
-            self.memory_c.mul_(beta).add_(state_c.mean(0), alpha=1 - beta)
+            # The means first: a state no step replaced is still a view of the buffers updated here.
+            mean_h, mean_c = state_h.mean(0), state_c.mean(0)
+            self.memory_h.mul_(beta).add_(mean_h, alpha=1 - beta)
+            self.memory_c.mul_(beta).add_(mean_c, alpha=1 - beta)
         return total / len(self.modalities)
 
     def logits(self, batch):
