@@ -75,5 +75,6 @@ def main() -> None:
         print(f"{method:10s} {result.seconds / args.epochs:8.3f} {result.seconds:8.1f} {result.seconds / bound:8.2f} "
               f"{versus} {result.test.acc:9.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from heads.modules import Alignment, MemoryCell
 
 SPEC3 = DataSpec(modalities=["a", "b", "c"], dims={"a": 6, "b": 4, "c": 5}, tokens=dict.fromkeys("abc", 1),
                  num_classes=3, class_names=["x", "y", "z"], majority_class=0)
+SPEC2 = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
 
 
 def edm(spec=SPEC3, **options):
@@ -181,26 +182,24 @@ def test_no_memory_ablation_is_h_plus_aligned_state():
 
 
 def test_inheritance_moves_the_initial_state_only_when_enabled():
-    spec2 = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
     for inherit in (True, False):
-        model = edm(spec2, inherit=inherit)
+        model = edm(SPEC2, inherit=inherit)
         model.optimizer = model.configure_optimizer()
         model.start_epoch(1)
-        model.train_step(batch(spec2, n=8))
+        model.train_step(batch(SPEC2, n=8))
         assert (model.memory_h.abs().sum() > 0) == inherit and (model.memory_c.abs().sum() > 0) == inherit
 
 
 def test_inherited_state_that_no_step_replaces_stays_as_it_is():
     # Without the cell, C passes through every step untouched, so its moving average must not move
     # (the state read back is a view of the buffer being updated).
-    spec2 = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
-    model = edm(spec2, memory=False)
+    model = edm(SPEC2, memory=False)
     model.optimizer = model.configure_optimizer()
     model.start_epoch(1)
     with torch.no_grad():
         model.memory_c.copy_(torch.linspace(-1, 1, model.memory_c.numel()))
     before = model.memory_c.clone()
-    model.train_step(batch(spec2, n=8))
+    model.train_step(batch(SPEC2, n=8))
     torch.testing.assert_close(model.memory_c, before)
     assert not torch.equal(model.memory_h, torch.zeros_like(model.memory_h))  # H did move
 
