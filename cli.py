@@ -68,29 +68,43 @@ def resolve_caches(spec: str) -> list[Path]:
 
 
 def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
-                  missing_test, options=None):
+                  missing_test, options=None, schedule=None, standardize="feature"):
+    """A ``TrainConfig`` from the shared options; ``None`` leaves a setting to the method's paper default."""
     from heads.core import OptionError, TrainConfig
+    from heads.standardize import MODES
+    from heads.training import OPTIMIZERS, parse_schedule
 
-    if epochs < 1 or batch_size < 1 or hidden < 1:
+    if epochs < 1 or (batch_size is not None and batch_size < 1) or hidden < 1:
         raise OptionError("--epochs, --batch-size and --hidden must be positive")
-    if optimizer not in ("adam", "sgd"):
-        raise OptionError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise OptionError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if lr is not None and not lr > 0:
+        raise OptionError(f"--lr must be positive, got {lr}")
+    if weight_decay is not None and weight_decay < 0:
+        raise OptionError(f"--weight-decay must be 0 or positive, got {weight_decay}")
+    if schedule is not None:
+        parse_schedule(schedule)
+    if standardize not in MODES:
+        raise OptionError(f"--standardize must be one of {', '.join(MODES)}, got {standardize!r}")
     for name, rate in (("--missing-train", missing_train), ("--missing-test", missing_test)):
         if not 0 <= rate < 1:
             raise OptionError(f"{name} must lie in [0, 1), got {rate}")
     return TrainConfig(method=method, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
-                       optimizer=optimizer, hidden=hidden, weight_decay=weight_decay,
-                       missing_train=missing_train, missing_test=missing_test, options=options or {})
+                       optimizer=optimizer, hidden=hidden, weight_decay=weight_decay, schedule=schedule,
+                       missing_train=missing_train, missing_test=missing_test, standardize=standardize,
+                       options=options or {})
 
 
 # Options shared by every training command.
 CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or built-in preset av / avt.")
 EPOCHS = typer.Option(100, help="Training epochs; the epoch with the best validation accuracy is kept.")
-LR = typer.Option(1e-3, "--lr", help="Learning rate.")
-BATCH = typer.Option(256, "--batch-size", help="Batch size (training and evaluation).")
-OPTIM = typer.Option("adam", help="adam or sgd (momentum 0.9).")
+LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
+BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
+OPTIM = typer.Option(None, help="adam, adamw or sgd (momentum 0.9) (default: the method's paper setting).")
+SCHEDULE = typer.Option(None, "--schedule", help="none, cosine or step:EPOCHS:GAMMA (default: the method's paper setting).")
+STANDARDIZE = typer.Option("feature", "--standardize", help="feature (z-score each feature with training statistics), modality (one scale per modality) or none.")
 HIDDEN = typer.Option(256, help="Hidden width d of the projections.")
-WD = typer.Option(1e-4, "--weight-decay", help="Weight decay.")
+WD = typer.Option(None, "--weight-decay", help="Weight decay (default: the method's paper setting).")
 MISS_TRAIN = typer.Option(0.0, "--missing-train", help="Mask each modality with this rate in train, val and test (MLA protocol).")
 MISS_TEST = typer.Option(0.0, "--missing-test", help="Mask each modality with this rate at test only (EDM paper, Table VI).")
 MODALITIES = typer.Option(None, "--modalities", help="Use only these modalities (comma-separated).")
@@ -110,7 +124,7 @@ def train_head(
     lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM, hidden: int = HIDDEN,
     weight_decay: float = WD, missing_train: float = MISS_TRAIN, missing_test: float = MISS_TEST,
     modalities: str = MODALITIES, name: str = typer.Option(None, help="Run folder name (default: method-dataset-seed-time)."),
-    out: Path = OUT, quiet: bool = QUIET,
+    out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
 ):
     """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
 
@@ -123,7 +137,7 @@ def train_head(
     method_class(method)
     options = parse_option_args(method, list(ctx.args))
     cfg = _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
-                        missing_test, options)
+                        missing_test, options, schedule, standardize)
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     run_dir = out / (name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
     result = fit(data, cfg, run_dir, progress=not quiet)
@@ -140,9 +154,15 @@ def compare(
     hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
     missing_test: float = MISS_TEST, modalities: str = MODALITIES,
     name: str = typer.Option(None, help="Folder name under --out (default: compare-time); rerun to resume."),
-    out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS,
+    out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
+    standardize: str = STANDARDIZE,
+    same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, or the options given) instead of each paper's."),
 ):
     """Train several methods over several seeds; print and write the paper-style table (mean ± std).
+
+    By default each method trains with its paper's optimizer, rate, schedule and batch size
+    (`cli.py methods`); --optimizer/--lr/... override one setting for every method, and
+    --same-optimizer runs all of them under one setting for a controlled comparison.
 
     Methods with options: --methods 'concat,edm[order=weak-to-strong],edm[order=strong-to-weak]'
     (inside brackets separate options with ';' or ',').
@@ -154,12 +174,18 @@ def compare(
 
     specs = split_specs(methods or ",".join(METHODS))
     seed_list = parse_seeds(seeds)
+    if same_optimizer:
+        from heads.training import SHARED
+
+        optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
+        schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
     base = _train_config(specs[0].split("[")[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
-                         missing_train, missing_test)
+                         missing_train, missing_test, schedule=schedule, standardize=standardize)
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     folder = out / (name or f"compare-{timestamp()}")
     table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
-    typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
+    typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation"
+               f" · features standardised: {standardize}")
     typer.echo(table.rstrip())
     typer.echo(f"written to {folder}")
 
@@ -191,8 +217,7 @@ def grid_cmd(
     axes = parse_axis_args(method, list(ctx.args))
     seed_list = parse_seeds(seeds)
     # Settings that are not axes keep the defaults of train-head, read from the shared options.
-    base = _train_config(method, epochs, 0, LR.default, BATCH.default, OPTIM.default, HIDDEN.default, WD.default,
-                         0.0, 0.0)
+    base = _train_config(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0)
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     folder = out / (name or f"grid-{method}-{timestamp()}")
     outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet)
@@ -209,14 +234,14 @@ def grid_cmd(
 @friendly
 def robustness_cmd(
     methods: str = typer.Option("concat,edm", help="Comma-separated method specs, NAME[key=value;...] sets options."),
-    missing: str = typer.Option("0,0.1,0.3,0.5,0.7", help="Missing rates η in [0, 1), comma-separated (0 is always added)."),
+    missing: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5", help="Missing rates η in [0, 1), comma-separated (0 is always added); each modality loses exactly η of its samples, so η ≤ (M−1)/M."),
     protocol: str = typer.Option("both", help="mla (masked in train, val and test), test-only (masked at test only) or both."),
     seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, modalities: str = MODALITIES,
     workers: int = WORKERS,
     name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
-    out: Path = OUT, quiet: bool = QUIET,
+    out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
 ):
     """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -229,7 +254,8 @@ def robustness_cmd(
     labels = split_specs(methods)
     names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
     rates, protocols, seed_list = parse_rates(missing), parse_protocols(protocol), parse_seeds(seeds)
-    base = _train_config(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0)
+    base = _train_config(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0,
+                         schedule=schedule, standardize=standardize)
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     folder = out / (name or f"robustness-{timestamp()}")
     run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
@@ -260,6 +286,8 @@ def methods():
 
     for name, cls in METHODS.items():
         typer.echo(f"{name}: {cls.summary}")
+        typer.echo(f"    trains with {cls.training.describe()}")
+        typer.echo(f"        ({cls.training.source})")
         for f in dataclasses.fields(cls.Options):
             flag = f"--{f.name.replace('_', '-')}"
             if f.type in (bool, "bool"):
@@ -282,6 +310,15 @@ def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-i
     typer.echo(f"samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
     typer.echo(f"split rule  {info.get('split_rule') or '-'}")
     typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
+    if info["counts"].get("train"):
+        from cache.scales import scale_warnings, value_scales
+
+        scales = value_scales(info["path"])
+        for m, s in scales.items():
+            typer.echo(f"scale       {m:10s} rms {s['rms']:.3g}  std {s['std']:.3g}  max |x| {s['max_abs']:.3g}  "
+                       f"largest feature spread {s['outlier']:.1f}× the median (train, present samples)")
+        for line in scale_warnings(scales):
+            typer.echo(f"warning: {line}", err=True)
 
 
 @cache_app.command("verify")

@@ -62,7 +62,9 @@ def main() -> None:
 
     taus, seeds = parse_values("edm", "tau", args.taus), [int(s) for s in args.seeds.split(",") if s.strip()]
     data = load_head_data([builtin_cache(args.preset, ROOT / "data" / "builtin")])
-    base = TrainConfig(method="edm", epochs=args.epochs)
+    # One fixed setting (batch 256, Adam) so the figures compare with earlier records.
+    base = TrainConfig(method="edm", epochs=args.epochs, optimizer="adam", lr=1e-3, weight_decay=1e-4,
+                       schedule="none", batch_size=256)
     specs = expand("edm", {"tau": taus}, base, seeds)
     workers = min(args.workers or default_workers(), len(specs))
     print(f"machine: {default_workers()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads by default), "

@@ -24,6 +24,10 @@ from cache.synthetic import builtin_cache  # noqa: E402
 from heads.core import TrainConfig, Trainer  # noqa: E402
 from heads.data import load_head_data  # noqa: E402
 from heads.methods import METHODS  # noqa: E402
+from heads.training import SHARED  # noqa: E402
+
+SAME = {"optimizer": SHARED.optimizer, "lr": SHARED.lr, "weight_decay": SHARED.weight_decay,
+        "schedule": SHARED.schedule, "batch_size": SHARED.batch_size}
 
 
 def matmul_gflops(batch: int, dims: list[int], hidden: int, repeats: int = 30) -> float:
@@ -49,10 +53,11 @@ def main() -> None:
     parser.add_argument("--preset", default="av")
     args = parser.parse_args()
     data = load_head_data([builtin_cache(args.preset, ROOT / "data" / "builtin")])
-    cfg = TrainConfig()
+    # Speed is about arithmetic: every method runs under one setting (batch 256, Adam), not its paper's.
+    cfg = TrainConfig(**SAME)
     dims = [data.spec.dims[m] for m in data.spec.modalities]
     methods = args.methods.split(",")
-    trainers = {m: Trainer(data, TrainConfig(method=m, epochs=args.epochs)) for m in methods}
+    trainers = {m: Trainer(data, TrainConfig(method=m, epochs=args.epochs, **SAME)) for m in methods}
     rates = []
     for epoch in range(1, args.epochs + 1):
         rates.append(matmul_gflops(cfg.batch_size, dims, cfg.hidden, repeats=5))

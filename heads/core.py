@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from heads import metrics
 from heads.data import HeadData, SplitTensors
 from heads.methods import METHODS
+from heads.training import scheduled_lr, set_lr
 
 
 @dataclass
@@ -28,17 +30,21 @@ class TrainConfig:
 
     method: str = "concat"
     epochs: int = 100
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adam"
+    # None = the method's paper setting (``heads.training``; ``resolve_training`` fills them in).
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
     hidden: int = 256
     seed: int = 0
     eval_batch_size: int = 0  # 0 = same as batch_size (methods that look across a batch need a fixed rule)
     missing_train: float = 0.0  # per-modality masking rate for train and val (MLA protocol)
     missing_test: float = 0.0  # per-modality masking rate for test only (EDM paper's Table VI)
+    standardize: str = "feature"  # per-feature z-scoring with training statistics (heads/standardize.py)
     threads: int = 0  # 0 = torch's default
     options: dict = field(default_factory=dict)  # the method's own options, resolved
+    training_source: str = ""  # where the resolved optimizer settings came from (filled by resolve_training)
 
 
 class OptionError(ValueError):
@@ -131,7 +137,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_training(cfg: TrainConfig) -> TrainConfig:
+    """Fill the settings left ``None`` from the method's declared paper setting; record the source.
+
+    Idempotent. A setting the user gave is kept; ``training_source`` then says which were given.
+    """
+    from heads.training import FIELDS, make_optimizer, parse_schedule  # noqa: F401  (validation below)
+
+    defaults = method_class(cfg.method).training
+    given = [name for name in FIELDS if getattr(cfg, name) is not None]
+    if not cfg.training_source:
+        source = f"{cfg.method}: {defaults.source}"
+        if given:
+            source += "; given: " + ", ".join(f"{n.replace('_', '-')} {getattr(cfg, n)}" for n in given)
+        cfg = dataclasses.replace(cfg, training_source=source)
+    cfg = dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in FIELDS if getattr(cfg, n) is None})
+    parse_schedule(cfg.schedule)
+    return cfg
+
+
 def build_model(cfg: TrainConfig, spec):
+    cfg = resolve_training(cfg)
     cls = method_class(cfg.method)
     opts = cls.Options(**resolve_options(cfg.method, cfg.options))
     return cls(spec, cfg, opts)
@@ -140,7 +166,11 @@ def build_model(cfg: TrainConfig, spec):
 # --- evaluation --------------------------------------------------------------------------------
 @dataclass
 class Report:
-    """Evaluation of one model on one split: v(S) for every subset and everything derived from it."""
+    """Evaluation of one model on one split: v(S) for every subset and everything derived from it.
+
+    ``loss`` is the cross-entropy of the full-set prediction (used to break ties between configs
+    with equal validation accuracy); with ``subsets=False`` the per-modality fields are NaN.
+    """
 
     v: dict[frozenset, float]
     acc: float
@@ -150,9 +180,10 @@ class Report:
     delta: dict[str, float]
     edm: float
     pred: torch.Tensor
+    loss: float = float("nan")
 
     def row(self, prefix: str = "") -> dict:
-        out = {f"{prefix}acc": self.acc, f"{prefix}f1": self.f1, f"{prefix}edm": self.edm}
+        out = {f"{prefix}acc": self.acc, f"{prefix}f1": self.f1, f"{prefix}loss": self.loss, f"{prefix}edm": self.edm}
         for m in self.unimodal:
             out[f"{prefix}acc_{m}"] = self.unimodal[m]
             out[f"{prefix}phi_{m}"] = self.phi[m]
@@ -163,29 +194,66 @@ class Report:
         return {**self.row(), "v": {"+".join(sorted(s)) or "∅": a for s, a in self.v.items()}}
 
 
-@torch.inference_mode()
-def predict(model, split: SplitTensors, modalities, batch_size: int) -> torch.Tensor:
-    """Predicted classes with only ``modalities`` present, in fixed-size batches in sample-id order.
+EVAL_ORDER_SEED = 20_241_129  # one fixed seed: the same evaluation batches for every method, epoch and run
 
-    Sorting by id first makes predictions independent of how the split's rows happen to be ordered
-    (methods that align across a batch see the same batches either way).
+
+def evaluation_order(split: SplitTensors) -> torch.Tensor:
+    """The fixed, label-blind order in which a split is cut into evaluation batches.
+
+    Methods that look across a batch (edm's alignment) give predictions that depend on which samples
+    share a batch, so the batches must be fixed — but not by sample id or row order: real ids encode
+    the class (Food-101 ``<class>_<n>``) or actor and emotion (CREMA-D ``1001_DFA_ANG_XX``), and a
+    cache's rows follow its ids. The order here sorts samples by a seeded random projection of their
+    own (pooled) features: a function of the content only, so renaming or reordering samples leaves
+    every batch — and so every v(S) — unchanged, and no label or name can leak into it. Computed once
+    per split and kept on it.
+    """
+    cached = split.__dict__.get("_eval_order")
+    if cached is not None:
+        return cached
+    gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
+    key = torch.zeros(len(split), dtype=torch.float64)
+    for m in sorted(split.x):
+        x = split.x[m].double()
+        direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        key += (x * direction).sum(1)  # elementwise then a row sum: the same bits whatever the row's position
+    order = torch.argsort(key.float(), stable=True)
+    split.__dict__["_eval_order"] = order
+    return order
+
+
+@torch.inference_mode()
+def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: bool = False):
+    """Predicted classes with only ``modalities`` present (the others exactly as missing).
+
+    Fixed-size batches in ``evaluation_order``; each batch goes through the model's standardiser
+    first, as in training. With ``with_loss`` also returns the mean cross-entropy of the logits.
     """
     model.eval()
-    order = sorted(range(len(split)), key=split.ids.__getitem__)
-    index = torch.tensor(order, dtype=torch.long)
+    index = evaluation_order(split)
     preds = torch.empty(len(split), dtype=torch.long)
+    loss_sum = torch.zeros((), dtype=torch.float64)
     for start in range(0, len(split), batch_size):
         rows = index[start:start + batch_size]
-        preds[rows] = model.logits(split.batch(rows).only(modalities)).argmax(-1)
+        batch = split.batch(rows).only(modalities)
+        logits = model.logits(model.standardizer(batch))
+        preds[rows] = logits.argmax(-1)
+        if with_loss:
+            loss_sum += nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum").double()
+    if with_loss:
+        return preds, float(loss_sum) / max(len(split), 1)
     return preds
 
 
 def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = True) -> Report:
-    """Score every modality subset (or only the full set) and derive φ, δ and EDM from them."""
+    """Score every modality subset (or only the full set) and derive φ, δ and EDM from them.
+
+    v(∅) is the accuracy of always predicting the training set's majority class (no model involved).
+    """
     mods = spec.modalities
     full = frozenset(mods)
     v: dict[frozenset, float] = {frozenset(): metrics.accuracy(torch.full_like(split.y, spec.majority_class), split.y)}
-    pred_full = predict(model, split, mods, batch_size)
+    pred_full, loss = predict(model, split, mods, batch_size, with_loss=True)
     v[full] = metrics.accuracy(pred_full, split.y)
     if subsets:
         for s in metrics.all_subsets(mods):
@@ -197,7 +265,7 @@ def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = 
     else:
         phi, delta, uni = {m: float("nan") for m in mods}, {m: float("nan") for m in mods}, {m: float("nan") for m in mods}
     return Report(v, v[full], metrics.macro_f1(pred_full, split.y, spec.num_classes), uni, phi, delta,
-                  metrics.edm(delta) if subsets else float("nan"), pred_full)
+                  metrics.edm(delta) if subsets else float("nan"), pred_full, loss)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -223,6 +291,7 @@ class Trainer:
     def __init__(self, data: HeadData, cfg: TrainConfig, model=None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        cfg = resolve_training(cfg)
         seed_everything(cfg.seed)
         self.data, self.cfg = data, cfg
         self.train, self.val, self.test = data.train, data.val, data.test
@@ -233,6 +302,8 @@ class Trainer:
         if cfg.missing_test > 0:
             self.test = self.test.with_missing(cfg.missing_test, cfg.seed + 404)
         self.model = model or build_model(cfg, data.spec)
+        if not bool(self.model.standardizer.fitted):
+            self.model.standardizer.fit(self.train)  # training statistics only, as the model will be used
         self.model.optimizer = self.model.configure_optimizer()
         self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -250,10 +321,11 @@ class Trainer:
         model = self.model
         for epoch in range(self.epoch + 1, min(until, self.cfg.epochs) + 1):
             model.train()
-            model.start_epoch(epoch)
+            model.start_epoch(epoch)  # may rebuild the optimizer (ccat's stage switch): set the rate after it
+            set_lr(model.optimizer, scheduled_lr(self.cfg.lr, self.cfg.schedule, epoch, self.cfg.epochs))
             total, count = torch.zeros(()), 0
             for batch in self.train.batches(self.cfg.batch_size, self.shuffle):
-                total += model.train_step(batch) * len(batch)
+                total += model.train_step(model.standardizer(batch)) * len(batch)
                 count += len(batch)
             report = evaluate(model, self.val, self.data.spec, self.eval_batch_size)
             extra = model.end_epoch(report)
@@ -318,7 +390,10 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(result.epochs)
-    results = {"method": result.config.method, "seed": result.config.seed, "best_epoch": result.best_epoch,
+    c = result.config
+    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size}"
+                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}")
+    results = {"method": result.config.method, "seed": result.config.seed, "training": training, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     from heads.report import results_table

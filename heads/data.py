@@ -87,40 +87,61 @@ class SplitTensors:
         )
 
     def with_missing(self, rate: float, seed: int) -> "SplitTensors":
-        """Mask each modality of each sample independently with probability ``rate``, never all of them.
+        """Mask a fraction ``rate`` of each modality's present samples, never a sample's last modality.
 
-        Follows the MLA paper's protocol (per modality, per sample, rate η). A draw that would leave a
-        sample with no modality is redrawn (choice: conditioning on at least one modality keeps the
-        masks independent across modalities; the realised per-modality rate is then
-        ``η(1 − η^(M−1)) / (1 − η^M)``, see ``expected_missing_rate``). Samples that were already
-        incomplete keep what they have at least one of.
+        The MLA paper masks each modality of each sample with rate η; drawing that independently and
+        redrawing samples left with nothing (the first implementation) realises only
+        ``η(1 − η^(M−1)) / (1 − η^M)`` per modality — 37% for η = 0.6, M = 2 — so a row labelled η was
+        not at η. Here each modality m loses exactly ``round(η · n_m)`` of its ``n_m`` present samples
+        (the realised rate is η within one sample), chosen uniformly at random among the samples that
+        still hold another modality, modalities visited in a seeded random order. When that uniform
+        draw runs out of candidates, the draw is repeated preferring the samples that hold the most
+        modalities; if η still cannot be met — for complete data, η > (M − 1)/M, e.g. above 50% with
+        two modalities — a ``ValueError`` says so (no sample may lose every modality).
         """
         if rate <= 0:
             return self
         if not 0 <= rate < 1:
             raise ValueError(f"missing rate must lie in [0, 1), got {rate}")
         mods = list(self.present)
-        gen = torch.Generator().manual_seed(seed)
         orig = torch.stack([self.present[m] for m in mods], 1)  # [N, M]
-        keep = torch.zeros_like(orig)
-        todo = torch.ones(len(self), dtype=torch.bool)
-        while todo.any():
-            draw = torch.rand(int(todo.sum()), len(mods), generator=gen) >= rate
-            draw &= orig[todo]
-            ok = draw.any(1) | ~orig[todo].any(1)  # a sample with nothing to begin with stays as it is
-            rows = todo.nonzero().squeeze(1)
-            keep[rows[ok]] = draw[ok]
-            todo[rows[ok]] = False
+        keep = _exact_masks(orig, rate, seed, balance=False)
+        if keep is None:
+            keep = _exact_masks(orig, rate, seed, balance=True)
+        if keep is None:
+            most = 100 * (len(mods) - 1) / len(mods)
+            raise ValueError(f"a missing rate of {rate:g} cannot be met with {len(mods)} modalities without removing "
+                             f"some sample's every modality (with complete data at most {most:.0f}% can go)")
         present = {m: keep[:, i] for i, m in enumerate(mods)}
         x = {m: self.x[m] * present[m][:, None] for m in mods}
         tokens = {m: self.tokens[m] * present[m][:, None, None] for m in mods}
         return SplitTensors(self.ids, x, tokens, present, self.y)
 
 
-def expected_missing_rate(rate: float, num_modalities: int) -> float:
-    """Per-modality masked fraction that ``with_missing`` realises on complete samples."""
-    m = num_modalities
-    return rate * (1 - rate ** (m - 1)) / (1 - rate ** m) if rate > 0 else 0.0
+def _exact_masks(orig: torch.Tensor, rate: float, seed: int, balance: bool) -> torch.Tensor | None:
+    """``keep`` [N, M] with exactly ``round(rate · n_m)`` removals per modality, or None if stuck.
+
+    ``balance``: among the candidates, remove from the samples with the most modalities left first
+    (random among equals), the choice that keeps every later modality feasible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    keep = orig.clone()
+    for j in torch.randperm(orig.shape[1], generator=gen).tolist():
+        target = round(rate * int(orig[:, j].sum()))
+        candidates = (keep[:, j] & (keep.sum(1) >= 2)).nonzero().squeeze(1)
+        if len(candidates) < target:
+            return None
+        shuffled = candidates[torch.randperm(len(candidates), generator=gen)]
+        if balance:
+            left = keep[shuffled].sum(1)
+            shuffled = shuffled[torch.argsort(-left, stable=True)]
+        keep[shuffled[:target], j] = False
+    return keep
+
+
+def realised_missing(original: "SplitTensors", masked: "SplitTensors") -> dict[str, float]:
+    """Per modality, the fraction of its present samples that masking removed."""
+    return {m: 1 - float(masked.present[m].sum()) / max(float(original.present[m].sum()), 1.0) for m in original.present}
 
 
 @dataclass

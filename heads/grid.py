@@ -45,12 +45,16 @@ from pathlib import Path
 
 import torch
 
-from heads.core import OptionError, Trainer, TrainConfig, build_model, evaluate, load_run, method_class, resolve_options
+from heads.core import (OptionError, Trainer, TrainConfig, build_model, evaluate, load_run, method_class,
+                        resolve_options, resolve_training)
 from heads.data import HeadData
+from heads.standardize import MODES as STANDARDIZE_MODES
+from heads.training import OPTIMIZERS, parse_schedule
 
 # Training settings that can be grid axes besides the method's own options. Epochs are not an axis:
 # the pruning milestones are fractions of one epoch budget.
-CORE_AXES = ("lr", "batch_size", "hidden", "weight_decay", "optimizer", "eval_batch_size", "missing_train", "missing_test")
+CORE_AXES = ("lr", "batch_size", "hidden", "weight_decay", "optimizer", "schedule", "standardize", "eval_batch_size",
+             "missing_train", "missing_test")
 # The CCAT paper's protocol: tune the LoRA rank first (β at its default), then β at the best rank.
 CCAT_STAGES = ("rank", "beta")
 CCAT_DEFAULTS = {"rank": [1, 2, 4, 8, 16], "beta": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]}
@@ -64,7 +68,9 @@ def _flag(name: str) -> str:
 def axis_kinds(method: str) -> dict[str, type]:
     """Every name that can be an axis for ``method``, with its declared type (a Literal stays one)."""
     core = typing.get_type_hints(TrainConfig)
-    kinds = {name: core[name] for name in CORE_AXES}
+    # ``int | None`` (a setting left to the method's paper default) is an int axis.
+    kinds = {name: next(a for a in typing.get_args(core[name]) if a is not type(None)) if typing.get_args(core[name])
+             else core[name] for name in CORE_AXES}
     kinds.update(typing.get_type_hints(method_class(method).Options))
     return kinds
 
@@ -94,8 +100,17 @@ def _check_core(name: str, value):
         raise OptionError(f"{_flag(name)} must be positive, got {value}")
     if name == "eval_batch_size" and value < 0:
         raise OptionError(f"{_flag(name)} must be 0 (same as batch size) or positive, got {value}")
-    if name == "optimizer" and value not in ("adam", "sgd"):
-        raise OptionError(f"--optimizer must be adam or sgd, got {value!r}")
+    if name == "optimizer" and value not in OPTIMIZERS:
+        raise OptionError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {value!r}")
+    if name == "schedule":
+        try:
+            parse_schedule(value)
+        except ValueError as err:
+            raise OptionError(str(err)) from None
+    if name == "standardize" and value not in STANDARDIZE_MODES:
+        raise OptionError(f"--standardize must be one of {', '.join(STANDARDIZE_MODES)}, got {value!r}")
+    if name == "lr" and not value > 0:
+        raise OptionError(f"--lr must be positive, got {value}")
     if name in ("missing_train", "missing_test") and not 0 <= value < 1:
         raise OptionError(f"{_flag(name)} must lie in [0, 1), got {value}")
     return value
@@ -209,8 +224,16 @@ def expand(method: str, axes: dict[str, list], base: TrainConfig, seeds: list[in
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
-    """Build each distinct config's model and optimizer once, so a bad value fails before any training."""
+    """Build each distinct config's model and optimizer once, and draw each distinct missing rate's masks
+    once, so a bad value or an unreachable η fails before any training."""
     seen = set()
+    for rate in sorted({s.cfg.missing_train for s in specs} | {s.cfg.missing_test for s in specs} |
+                       {r for s in specs for r in s.test_rates}):
+        for split in (data.train, data.val, data.test):
+            try:
+                split.with_missing(rate, 0)
+            except ValueError as err:
+                raise OptionError(str(err)) from None
     for spec in specs:
         key = json.dumps(dataclasses.asdict(replace(spec.cfg, seed=0)), sort_keys=True)
         if key not in seen:
@@ -260,7 +283,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def _identity(cfg: TrainConfig, data: HeadData) -> dict:
     """What a run's results depend on; a stored run is reused only when this matches (threads aside)."""
-    train = dataclasses.asdict(cfg)
+    train = dataclasses.asdict(resolve_training(cfg))
     train.pop("threads")
     train["options"] = resolve_options(cfg.method, cfg.options)
     return {"train": json.loads(json.dumps(train)), "caches": list(data.meta["caches"])}
@@ -278,10 +301,15 @@ def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:
 
 
 def _realised(original, masked) -> dict:
-    """Fraction of the present (sample, modality) entries that masking removed; samples left with none."""
+    """Fraction of the present (sample, modality) entries that masking removed, overall and per modality
+    (``missing_<m>``); samples left with none (always 0 by construction; recorded as a check)."""
+    from heads.data import realised_missing
+
     orig = torch.stack(list(original.present.values()), 1)
     now = torch.stack(list(masked.present.values()), 1)
-    return {"missing": 1 - float(now.sum()) / max(float(orig.sum()), 1.0), "empty": int((~now.any(1) & orig.any(1)).sum())}
+    per = {f"missing_{m}": rate for m, rate in realised_missing(original, masked).items()}
+    return {"missing": 1 - float(now.sum()) / max(float(orig.sum()), 1.0), **per,
+            "empty": int((~now.any(1) & orig.any(1)).sum())}
 
 
 def _mask_summary(trainer: Trainer, data: HeadData) -> dict:
@@ -576,6 +604,7 @@ class Selection:
     val_std: float
     test_mean: float
     test_std: float
+    tied: list[str] = field(default_factory=list)  # configs tied with it on validation accuracy
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -594,23 +623,39 @@ def summarize(records: list[dict]) -> list[dict]:
         edm, edm_sd = _mean_std([r["test"]["edm"] for r in runs])
         stops = [r["stopped_at"] for r in runs if r.get("stopped_at") is not None]
         rows.append({"config": label, "values": runs[0].get("values", {}), "seeds": len(runs),
-                     "val_acc": val, "val_acc_std": val_sd, "test_acc": test, "test_acc_std": test_sd,
+                     "val_acc": val, "val_acc_std": val_sd, "val_loss": _mean_loss(runs),
+                     "val_f1": statistics.mean(r["val"]["f1"] for r in runs),
+                     "test_acc": test, "test_acc_std": test_sd,
                      "test_edm": edm, "test_edm_std": edm_sd, "stage": runs[0].get("stage"),
                      "stopped_at": max(stops, default=None)})
     return rows
 
 
+def _mean_loss(runs: list[dict]) -> float:
+    losses = [r["val"].get("loss", float("nan")) for r in runs]
+    return statistics.mean(losses) if all(math.isfinite(x) for x in losses) else float("inf")
+
+
+TIE_RULE = "higher mean validation accuracy, then lower mean validation loss, then higher mean validation macro-F1, then the config listed first"
+
+
 def select(records: list[dict]) -> Selection:
     """The config with the best mean validation accuracy over its seeds; test is only reported.
 
-    Configs stopped early by pruning compete only when no config trained all its epochs. Ties go to
-    the config listed first.
+    Small validation splits tie often (60 samples: accuracy moves in steps of 1.67 points), and
+    "the first config listed" would then decide silently. Ties on validation accuracy (equal to
+    1e-9) are broken by lower mean validation loss, then higher mean validation macro-F1, then grid
+    order (``TIE_RULE``); ``Selection.tied`` names the configs that tied on accuracy, and the grid's
+    report prints them. Configs stopped early by pruning compete only when no config trained all
+    its epochs.
     """
     rows = summarize(records)
     complete = [r for r in rows if r["stopped_at"] is None] or rows
-    best = max(complete, key=lambda r: (r["val_acc"], -rows.index(r)))
+    top = max(r["val_acc"] for r in complete)
+    tied = [r for r in complete if abs(r["val_acc"] - top) <= 1e-9]
+    best = min(tied, key=lambda r: (r["val_loss"], -r["val_f1"], rows.index(r)))
     return Selection(best["config"], best["values"], best["seeds"], best["val_acc"], best["val_acc_std"],
-                     best["test_acc"], best["test_acc_std"])
+                     best["test_acc"], best["test_acc_std"], [r["config"] for r in tied] if len(tied) > 1 else [])
 
 
 def grid_rows(records: list[dict], modalities: list[str], selected: str) -> list[dict]:

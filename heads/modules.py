@@ -79,21 +79,25 @@ class MemoryCell(nn.Module):
 
 
 class LoRA(nn.Module):
-    """Low-rank residual ``LoRA(z) = (α / r) · B A z`` (Hu et al. 2022), added to a frozen layer's output.
+    """Low-rank residual ``LoRA(z) = s · B A z`` (Hu et al. 2022), added to a frozen layer's output.
 
     ``A`` (``down``, r × d_in) keeps nn.Linear's default (Kaiming-uniform) initialisation, ``B``
     (``up``, d_out × r) starts at zero, so the adapter is exactly a no-op until it is trained.
-    The α / r scaling is the LoRA paper's convention (choice; CCAT fixes α = 1).
+    ``scaling="none"`` gives s = 1, CCAT's eq. 9 (``LoRA_m(z) = B_m A_m z``, α = 1); ``"alpha-over-rank"``
+    gives s = α / r, the LoRA paper's convention, under which a higher rank starts with a smaller
+    effective step (so a rank grid would also be a learning-rate grid).
     """
 
-    def __init__(self, dim_in: int, dim_out: int, rank: int = 2, alpha: float = 1.0):
+    def __init__(self, dim_in: int, dim_out: int, rank: int = 2, alpha: float = 1.0, scaling: str = "none"):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if scaling not in ("none", "alpha-over-rank"):
+            raise ValueError(f"LoRA scaling must be none or alpha-over-rank, got {scaling!r}")
         self.down = nn.Linear(dim_in, rank, bias=False)
         self.up = nn.Linear(rank, dim_out, bias=False)
         nn.init.zeros_(self.up.weight)
-        self.scale = alpha / rank
+        self.scale = alpha / rank if scaling == "alpha-over-rank" else alpha
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(z)) * self.scale

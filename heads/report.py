@@ -16,12 +16,17 @@ def results_table(results: list[dict], modalities: list[str], split: str = "test
     """A Markdown table, one row per method (mean ± std over its seeds), in first-seen order.
 
     ``results`` are ``results.json`` dicts of runs. Columns follow the EDM paper's Table I: each
-    modality's accuracy with its |δ_m| beside it, then multimodal accuracy, macro-F1 and EDM.
+    modality's accuracy with its |δ_m| beside it, then multimodal accuracy, macro-F1 and EDM; the
+    last column says how the row was trained (optimizer, rate, schedule, batch, standardisation).
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         groups[r.get("label", r["method"])].append(r[split])
+    trained = {r.get("label", r["method"]): r.get("training", "") for r in results}
     head = ["method", "seeds"] + [c for m in modalities for c in (f"acc {m}", f"|δ {m}|")] + ["acc multi", "macro-F1", "EDM"]
+    show_training = any(trained.values())
+    if show_training:
+        head.append("trained with")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in groups.items():
         cells = [name, str(len(rows))]
@@ -29,6 +34,8 @@ def results_table(results: list[dict], modalities: list[str], split: str = "test
             cells.append(_fmt([r[f"acc_{m}"] for r in rows]))
             cells.append(_fmt([abs(r[f"delta_{m}"]) for r in rows]))
         cells += [_fmt([r["acc"] for r in rows]), _fmt([r["f1"] for r in rows]), _fmt([r["edm"] for r in rows])]
+        if show_training:
+            cells.append(trained[name])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -48,6 +55,10 @@ def grid_markdown(info: dict, summary: list[dict]) -> str:
              f"{' · pruned by successive halving' if info['prune'] else ''}", "",
              f"**Selected on validation: `{sel['config']}`** · validation {_pm(sel['val_mean'], sel['val_std'], sel['seeds'])}"
              f" · test {_pm(sel['test_mean'], sel['test_std'], sel['seeds'])} ({sel['seeds']} seed(s))", ""]
+    if sel.get("tied"):
+        from heads.grid import TIE_RULE
+
+        lines += [f"Tied on validation accuracy: {', '.join(f'`{c}`' for c in sel['tied'])}; broken by the rule: {TIE_RULE}.", ""]
     for stage in sorted({r.get("stage") or 0 for r in summary}):
         rows = [r for r in summary if (r.get("stage") or 0) == stage]
         axes = list(rows[0]["values"])
@@ -80,6 +91,10 @@ def robustness_markdown(summary: list[dict]) -> str:
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in dict.fromkeys(r["method"] for r in rows):
             lines.append("| " + " | ".join([method] + [cell.get((method, rate), "-") for rate in rates]) + " |")
+        realised = {r["rate"]: r.get("missing_realised") for r in rows if r.get("missing_realised") is not None}
+        if realised:
+            lines.append("| realised missing (test, per modality) | " + " | ".join(
+                realised[rate] if rate in realised else "-" for rate in rates) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -83,6 +83,7 @@ def robustness_rows(records: list[dict], rates: list[float], protocols: list[str
                        "test_acc": test["acc"], "test_f1": test["f1"], "test_edm": test["edm"]}
                 row.update({f"test_acc_{m}": test[f"acc_{m}"] for m in modalities})
                 row.update(missing_realised=mask["missing"], empty_samples=mask["empty"], run=r["run"])
+                row.update({f"missing_realised_{m}": mask[f"missing_{m}"] for m in modalities if f"missing_{m}" in mask})
                 rows.append(row)
     return rows
 
@@ -90,10 +91,15 @@ def robustness_rows(records: list[dict], rates: list[float], protocols: list[str
 def robustness_summary(rows: list[dict]) -> list[dict]:
     """Mean ± std of test accuracy over seeds for each protocol × method × rate (first-seen order)."""
     groups: dict[tuple, list[float]] = {}
+    realised: dict[tuple, str] = {}
     for row in rows:
-        groups.setdefault((row["protocol"], row["method"], row["rate"]), []).append(row["test_acc"])
+        key = (row["protocol"], row["method"], row["rate"])
+        groups.setdefault(key, []).append(row["test_acc"])
+        per = {k[len("missing_realised_"):]: v for k, v in row.items() if k.startswith("missing_realised_")}
+        realised.setdefault(key, " · ".join(f"{m} {100 * v:.1f}%" for m, v in per.items()))
     return [{"protocol": p, "method": m, "rate": rate, "seeds": len(a), "test_acc": statistics.mean(a),
-             "test_acc_std": statistics.stdev(a) if len(a) > 1 else 0.0} for (p, m, rate), a in groups.items()]
+             "test_acc_std": statistics.stdev(a) if len(a) > 1 else 0.0, "missing_realised": realised[(p, m, rate)]}
+            for (p, m, rate), a in groups.items()]
 
 
 def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds: list[int], protocols: list[str],

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import cli
 from heads import grid
 from heads.core import OptionError, Trainer, TrainConfig, fit
-from heads.data import SplitTensors, expected_missing_rate, load_head_data
+from heads.data import SplitTensors, load_head_data
 from heads.robustness import parse_protocols, parse_rates, run_robustness
 
 BASE = TrainConfig(method="edm", epochs=4, hidden=16, batch_size=64)
@@ -108,7 +108,7 @@ def test_axis_words_become_axes():
     (["--order", "sideways"], "--order must be one of"),
     (["--batch-size", "0:128:64"], "--batch-size must be positive"),
     (["--missing-train", "0:1:0.5"], "--missing-train must lie in [0, 1)"),
-    (["--optimizer", "adam,rmsprop"], "--optimizer must be adam or sgd"),
+    (["--optimizer", "adam,rmsprop"], "--optimizer must be one of adam, adamw, sgd"),
     (["--rank", "2"], "--rank is neither an option of method 'edm'"),
     (["--tau"], "option --tau needs a value"),
     (["--tau", "0.1", "--tau", "0.2"], "--tau given twice"),
@@ -128,9 +128,9 @@ def test_expand_names_runs_by_the_varying_axes():
 
 
 # --- selection -----------------------------------------------------------------------------------
-def record(label, seed, val, test, stopped_at=None):
+def record(label, seed, val, test, stopped_at=None, loss=1.0, f1=50.0):
     return {"label": label, "values": {"tau": float(label)}, "seed": seed, "stopped_at": stopped_at,
-            "val": {"acc": val}, "test": {"acc": test, "edm": 0.0}}
+            "val": {"acc": val, "loss": loss, "f1": f1}, "test": {"acc": test, "edm": 0.0}}
 
 
 def test_selection_reads_validation_never_test():
@@ -146,7 +146,19 @@ def test_selection_reads_validation_never_test():
 
 def test_selection_skips_pruned_configs_and_breaks_ties_by_order():
     records = [record("0.1", 0, 99, 99, stopped_at=2), record("0.5", 0, 80, 50), record("0.9", 0, 80, 90)]
-    assert grid.select(records).config == "0.5"  # 0.1 looks best but stopped early; 0.5 is listed before 0.9
+    sel = grid.select(records)
+    assert sel.config == "0.5"  # 0.1 looks best but stopped early; 0.5 and 0.9 tie on everything: listed first
+    assert sel.tied == ["0.5", "0.9"]
+
+
+def test_ties_on_validation_accuracy_go_to_lower_loss_then_higher_f1():
+    """The stated rule (grid.TIE_RULE): accuracy, then loss (lower), then macro-F1 (higher), then order."""
+    tied = [record("0.1", 0, 80, 10, loss=0.9, f1=70), record("0.3", 0, 80, 20, loss=0.7, f1=60),
+            record("0.5", 0, 80, 30, loss=0.7, f1=65), record("0.7", 0, 79, 99, loss=0.1, f1=99)]
+    sel = grid.select(tied)
+    assert sel.config == "0.5" and sel.tied == ["0.1", "0.3", "0.5"]
+    assert grid.select(tied[:2]).config == "0.3"  # loss decides before F1
+    assert grid.select([record("0.1", 0, 81, 0, loss=5.0)] + tied).tied == []  # no tie, nothing to report
 
 
 def test_grid_selects_the_best_mean_validation_and_writes_its_files(joint):
@@ -312,29 +324,31 @@ def complete_split(n: int, modalities: int) -> SplitTensors:
                         torch.zeros(n, dtype=torch.long))
 
 
-@pytest.mark.parametrize("modalities", [2, 3])
-@pytest.mark.parametrize("rate", [0.1, 0.5, 0.7])
+@pytest.mark.parametrize("modalities, rate", [(2, 0.1), (2, 0.5), (3, 0.1), (3, 0.5), (3, 0.66)])
 def test_masks_realise_the_stated_rate_and_never_empty_a_sample(modalities, rate):
-    """Realised masked fraction within 4σ of η(1 − η^(M−1))/(1 − η^M), the rate after the redraw.
-
-    Each modality's column is Bernoulli(p) over N samples and the fraction over all N×M entries is the
-    mean of those columns, so its standard deviation is at most √(p(1−p)/N).
-    """
-    n = 20000
+    """Each modality loses exactly round(η·N) of its N samples, and no sample loses every modality,
+    up to the feasibility limit (M − 1)/M of complete data (0.66 < 2/3 for three modalities)."""
+    n = 2001
     masked = complete_split(n, modalities).with_missing(rate, seed=7)
     present = torch.stack(list(masked.present.values()), 1)
-    p = expected_missing_rate(rate, modalities)
-    assert abs(1 - present.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert [int((~p).sum()) for p in masked.present.values()] == [round(rate * n)] * modalities
     assert bool(present.any(1).all())
     assert all(float(masked.x[m][~masked.present[m]].abs().sum()) == 0 for m in masked.present)
+
+
+@pytest.mark.parametrize("modalities, rate", [(2, 0.51), (2, 0.7), (3, 0.7)])
+def test_an_unreachable_missing_rate_is_refused(modalities, rate):
+    with pytest.raises(ValueError, match="cannot be met"):
+        complete_split(1000, modalities).with_missing(rate, seed=0)
 
 
 def test_incomplete_samples_keep_one_modality():
     split = complete_split(2000, 3)
     split.present["m0"][:1000] = False  # half the samples came without m0
-    masked = split.with_missing(0.7, seed=1)
+    masked = split.with_missing(0.5, seed=1)
     present = torch.stack(list(masked.present.values()), 1)
     assert bool(present.any(1).all()) and not bool(masked.present["m0"][:1000].any())
+    assert int(masked.present["m0"].sum()) == 500 and int(masked.present["m1"].sum()) == 1000
 
 
 def test_rates_and_protocols_parse():
@@ -348,27 +362,26 @@ def test_rates_and_protocols_parse():
 def test_robustness_sweep_under_both_protocols(data, tmp_path, monkeypatch):
     trained = count_epochs(monkeypatch)
     base = replace(BASE, epochs=2)
-    summary = run_robustness(data, ["concat", "edm"], [0.0, 0.3, 0.6], [0, 1], ["mla", "test-only"], base,
+    summary = run_robustness(data, ["concat", "edm"], [0.0, 0.3, 0.5], [0, 1], ["mla", "test-only"], base,
                              tmp_path / "r", workers=1, progress=False)
     # η = 0 is one clean run shared by both protocols: 2 methods × 3 rates × 2 seeds runs in all.
     assert sum(trained.values()) == 2 * 3 * 2 * 2 and len(list(tmp_path.glob("r/*/results.json"))) == 12
     assert {(r["protocol"], r["method"], r["rate"]) for r in summary} == {
-        (p, m, r) for p in ("mla", "test-only") for m in ("concat", "edm") for r in (0.0, 0.3, 0.6)}
+        (p, m, r) for p in ("mla", "test-only") for m in ("concat", "edm") for r in (0.0, 0.3, 0.5)}
     assert all(r["seeds"] == 2 for r in summary)
     import polars as pl
 
     rows = pl.read_parquet(tmp_path / "r" / "robustness.parquet").to_dicts()
     assert rows and all(r["empty_samples"] == 0 for r in rows)
-    for r in rows:  # 37 test samples × 2 modalities: a loose but honest bound
-        p = expected_missing_rate(r["rate"], 2)
-        assert abs(r["missing_realised"] - p) <= 4 * math.sqrt(p * (1 - p) / len(data.test)) + 1e-9
-    for run in tmp_path.glob("r/*-miss0.6-seed*"):  # MLA masks train too: 300 samples
+    for r in rows:  # the realised rate is η within one sample, per modality
+        for m in data.spec.modalities:
+            assert abs(r[f"missing_realised_{m}"] - r["rate"]) <= 0.5 / len(data.test) + 1e-9
+    for run in tmp_path.glob("r/*-miss0.5-seed*"):  # MLA masks train too
         masks = json.loads((run / "results.json").read_text())["masks"]
-        p = expected_missing_rate(0.6, 2)
-        assert abs(masks["train"]["missing"] - p) < 4 * math.sqrt(p * (1 - p) / len(data.train))
+        assert all(abs(masks["train"][f"missing_{m}"] - 0.5) <= 0.5 / len(data.train) for m in data.spec.modalities)
         assert masks["train"]["empty"] == masks["val"]["empty"] == masks["test"]["empty"] == 0
     text = (tmp_path / "r" / "robustness.md").read_text()
-    assert "MLA protocol" in text and "Table VI" in text and "η = 60%" in text
+    assert "MLA protocol" in text and "Table VI" in text and "η = 50%" in text and "realised missing" in text
 
 
 def test_test_only_protocol_trains_each_method_and_seed_once(data, tmp_path, monkeypatch):
@@ -400,7 +413,9 @@ def test_grid_robustness_and_report_commands(tiny, tmp_path):
             f"test {sel['test_mean']:.2f} ± {sel['test_std']:.2f}") in result.output
     assert sum(line.startswith("| 0.") for line in result.output.splitlines()) == 4 and "written to" in result.output
     config = json.loads((tmp_path / "g" / "tau=0.6_lr=0.003-seed1" / "config.json").read_text())["train"]
-    assert (config["hidden"], config["lr"], config["batch_size"], config["epochs"]) == (16, 0.003, 256, 2)
+    # Settings not given keep edm's paper defaults (AdamW, batch 64); the source says which were given.
+    assert (config["hidden"], config["lr"], config["batch_size"], config["epochs"]) == (16, 0.003, 64, 2)
+    assert config["optimizer"] == "adamw" and "EDM paper" in config["training_source"] and "given: lr 0.003" in config["training_source"]
 
     result = invoke("robustness", "--methods", "concat", "--missing", "0.5", "--protocol", "test-only",
                     "--seeds", 1, "--hidden", 16, "--name", "r", *small)

@@ -16,6 +16,8 @@ from torch import nn
 
 from heads.data import Batch, DataSpec
 from heads.modules import Projection
+from heads.standardize import Standardizer
+from heads.training import FIELD_PROTOCOL, Training, make_optimizer  # noqa: F401  (re-exported for methods)
 
 
 @dataclass
@@ -28,10 +30,14 @@ class HeadMethod(nn.Module, ABC):
 
     Options: type = NoOptions
     summary: str = ""
+    # How the method trains unless told otherwise (its paper or official code; ``heads/training.py``).
+    training: Training = FIELD_PROTOCOL
 
     def __init__(self, spec: DataSpec, cfg, opts):
         super().__init__()
         self.spec, self.cfg, self.opts = spec, cfg, opts
+        # Fitted by the core on the training split; a buffer module, so checkpoints carry it.
+        self.standardizer = Standardizer(spec.dims, getattr(cfg, "standardize", "feature"))
         self.modalities = list(spec.modalities)
         self.optimizer: torch.optim.Optimizer | None = None
         self.epoch = 0
@@ -96,13 +102,3 @@ def mean_probability_logits(logits: dict[str, torch.Tensor], present: dict[str, 
     fused = total / count
     fused = torch.where(mask.sum(0).unsqueeze(-1) > 0, fused, torch.full_like(fused, 1.0 / fused.shape[-1]))
     return fused.clamp_min(1e-12).log()
-
-
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """Adam (default) or SGD with momentum, as the training config says."""
-    params = list(params)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=True)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use adam or sgd")

@@ -18,17 +18,28 @@ divides the similarities, an extension, default 1) and
 
 **Stage 2, classifier-constrained alternating training** (§3.3, Algorithm 1). Cls is frozen
 (``requires_grad`` off and outside the optimizer, so its weights stay bit-identical). Each modality
-gets ``LoRA_m(z) = (α/r) B_m A_m z`` (rank ``--rank`` 2, ``--lora-alpha`` 1, B zero-initialised: a no-op
-at the switch), added to the classifier's output. Per batch, for each modality in turn:
+gets ``LoRA_m(z) = B_m A_m z`` (eq. 9; rank ``--rank`` 2, B zero-initialised: a no-op at the switch;
+``--lora-scaling alpha-over-rank`` multiplies by α/r as the LoRA paper does), added to the classifier's output. Per batch, for each modality in turn:
 ``ŷ^m = softmax(Cls(z^m) + LoRA_m(z^m))`` with ``z^m = P_m(x̄_m)`` (pooled feature, as every other
 method's unimodal path, choice), CE over the samples that have m, one optimizer step on P_m and
 LoRA_m. Then the **secondary update**: with the updated model, c_i^m is computed by the same InfoNCE
-softmax but on the decision-level fusion used at inference (choice for its vectors: each modality's
-class-probability vector ``p^m_i`` against the fused ``p̄_i = mean_m p^m_i``, both L2-normalised), and
-for each modality the samples with ``c_i^m < β`` (``--beta`` 0.15) get one more CE step on P_m,
-LoRA_m. ``end_epoch`` logs the fraction of samples that got it (``ccat_secondary_<m>``). Note: with
-τ = 1 these contributions stay close to 1/M (on the built-in ``av`` data the visual c lies within
-about [0.36, 0.54] all run long), so β = 0.15 selects no sample there; β ≥ 0.4 or τ < 1 does.
+softmax but on the decision-level fusion used at inference (§3.3: "the computation of c follows the
+same decision-level fusion used in the inference stage"), and for each modality the samples with
+``c_i^m < β`` (``--beta`` 0.15) get one more CE step on P_m, LoRA_m. ``end_epoch`` logs the fraction of
+samples that got it (``ccat_secondary_<m>``).
+
+*Which vectors enter c in stage 2* (the paper does not say; its source, SMSL (Zhou et al., ICASSP
+2025), has no public code). Choice: **logits**, each modality's ``Cls(z^m) + LoRA_m(z^m)`` against the
+fused prediction's log-probabilities, both centred over the classes (softmax-invariant, so they
+are the same predictions) and L2-normalised, with no temperature as in eq. 5. The first
+implementation used the class-probability vectors: they are non-negative, every cosine then lies in
+[0, 1], and c stayed within about ±0.01 of 1/M, so no β of the paper's grid (0.05–0.40) selected a
+sample at M = 2 and at M = 6 β switched between none and all. Centred logits have cosines in
+[−1, 1]: a modality whose prediction disagrees with the fused one gets a clearly smaller c, and the
+selected fraction grows with β across the grid (on ``av`` and ``avt``: neither 0 nor 100% at
+β = 0.15; ``tests/test_ccat.py`` asserts it). ``--temperature`` divides the similarities (extension).
+The InfoNCE form is the one of eq. 5 (MMIM's ``CPC`` estimator has the same form: L2-normalised
+vectors, in-batch negatives, no temperature).
 
 Stage 2 continues from stage 1's projections P_m (the paper's Algorithm 1 says "initialize Enc_m";
 choice: keep the pretrained ones). With missing modalities, a direction of the cross-attention counts
@@ -48,11 +59,12 @@ joint step on the sum of the M unimodal losses per batch), ``--no-secondary``, `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from heads.methods.base import HeadMethod, make_optimizer, mean_probability_logits, projections
+from heads.methods.base import HeadMethod, Training, make_optimizer, mean_probability_logits, projections
 from heads.modules import BiCrossAttention, LoRA
 
 
@@ -61,7 +73,8 @@ class CCATOptions:
     pretrain_epochs: int = field(default=-1, metadata={"help": "stage-1 (classifier pretraining) epochs; -1 = 30% of the run, 0 = none"})
     lambda_reg: float = field(default=0.001, metadata={"help": "λ of the contribution regulariser in stage 1"})
     rank: int = field(default=2, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA scaling α (output scaled by α/r)"})
+    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA scale α (the paper fixes α = 1)"})
+    lora_scaling: Literal["none", "alpha-over-rank"] = field(default="none", metadata={"help": "output × α (eq. 9, default) or × α/r (LoRA paper; couples rank and step size)"})
     beta: float = field(default=0.15, metadata={"help": "secondary-update threshold β on a sample's contribution c"})
     temperature: float = field(default=1.0, metadata={"help": "InfoNCE temperature of the contributions (1 = the paper's formula, none)"})
     heads: int = field(default=4, metadata={"help": "attention heads of the cross-attention blocks"})
@@ -111,6 +124,10 @@ def contribution_gap(c: torch.Tensor, present: dict[str, torch.Tensor]) -> torch
 class CCAT(HeadMethod):
     Options = CCATOptions
     summary = "pretrained cross-attention classifier, frozen; alternating unimodal steps with per-modality LoRA"
+    training = Training("sgd", 1e-3, 1e-4, "step:70:0.1", 32,
+                        "CCAT paper §4.1: SGD momentum 0.9, batch 32, lr 1e-3, ×0.1 every 70 epochs (150 epochs); "
+                        "its printed weight decay 0.1 is read as 1e-4, the value of the code it builds on "
+                        "(choice: --weight-decay 0.1 for the printed one)")
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)
@@ -120,7 +137,7 @@ class CCAT(HeadMethod):
         self.proj = projections(spec, d)
         self.fusion = BiCrossAttention(self.modalities, d, opts.heads, opts.ffn_mult)
         self.cls = nn.Linear(d, spec.num_classes)
-        self.lora = nn.ModuleDict({m: LoRA(d, spec.num_classes, opts.rank, opts.lora_alpha) for m in self.modalities}) if opts.lora else None
+        self.lora = nn.ModuleDict({m: LoRA(d, spec.num_classes, opts.rank, opts.lora_alpha, opts.lora_scaling) for m in self.modalities}) if opts.lora else None
         if opts.pretrain_epochs < 0:
             self.pretrain_epochs = max(1, round(0.3 * cfg.epochs))
         else:
@@ -225,11 +242,16 @@ class CCAT(HeadMethod):
 
     @torch.no_grad()
     def decision_contributions(self, batch) -> torch.Tensor:
-        """``c`` ``[M, B]`` from the decision-level fusion used at inference (see the module docstring)."""
-        probs = {m: self.head(m, self.proj[m](batch.x[m])).softmax(-1) for m in self.modalities}
-        mask = torch.stack([batch.present[m] for m in self.modalities]).unsqueeze(-1).to(batch.x[self.modalities[0]].dtype)
-        fused = (torch.stack(list(probs.values())) * mask).sum(0) / mask.sum(0).clamp_min(1)
-        return contributions(fused, probs, batch.present, self.opts.temperature)
+        """``c`` ``[M, B]`` from the decision-level fusion used at inference (see the module docstring).
+
+        The vectors are logits in their centred (softmax-invariant) form: each modality's
+        ``Cls(z^m) + LoRA_m(z^m)`` minus its mean over classes, against the fused prediction's
+        ``log p̄`` minus its mean, where ``p̄`` is the mean of the present modalities' probabilities.
+        """
+        logits = {m: self.head(m, self.proj[m](batch.x[m])) for m in self.modalities}
+        fused = mean_probability_logits(logits, batch.present)
+        centred = {m: t - t.mean(-1, keepdim=True) for m, t in logits.items()}
+        return contributions(fused - fused.mean(-1, keepdim=True), centred, batch.present, self.opts.temperature)
 
     def secondary_masks(self, batch) -> dict[str, torch.Tensor]:
         """For each modality, the samples that get the secondary update: present and ``c^m < β``."""

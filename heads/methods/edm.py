@@ -18,7 +18,12 @@ did as well as 128 within the seed spread, with a lower EDM (benchmarks/RESULTS.
 reads H, so with many classes (Food-101) a wider memory may pay off. Inference chains through each
 sample's present modalities in the order of the last trained epoch, the order the selected
 checkpoint's validation score was measured with; a sample's absent modality is skipped (its state
-passes through unchanged).
+passes through unchanged). Alignment looks across the batch, so predictions depend on which samples
+share an evaluation batch: the core fixes the batches by a seeded, label- and name-blind order of the
+samples' own features (``heads.core.evaluation_order``; never sorted ids, which encode the class).
+
+Training defaults (``training``): the paper's AdamW at lr 1e-4; weight decay, schedule and batch size
+are not stated (choices: torch's AdamW default 0.01, no schedule, the baselines' batch 64).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from heads.methods.base import HeadMethod, projections
+from heads.methods.base import HeadMethod, Training, projections
 from heads.metrics import weak_to_strong
 from heads.modules import Alignment, MemoryCell
 
@@ -49,6 +54,10 @@ class EDMOptions:
 class EDM(HeadMethod):
     Options = EDMOptions
     summary = "EDM-ordered weak-to-strong alternating chain with alignment and memory"
+    training = Training("adamw", 1e-4, 0.01, "none", 64,
+                        "EDM paper §IV-A: AdamW, lr 1e-4 (\"All models are trained using the AdamW optimizer with a "
+                        "learning rate of 1e-4\"); weight decay, schedule and batch size unstated: torch's AdamW "
+                        "default 0.01, none, and the baselines' batch 64 (choices)")
 
     def __init__(self, spec, cfg, opts: EDMOptions):
         super().__init__(spec, cfg, opts)

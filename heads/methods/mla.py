@@ -53,7 +53,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from heads.methods.base import HeadMethod, projections
+from heads.methods.base import HeadMethod, Training, projections
 
 
 @dataclass
@@ -87,6 +87,9 @@ def entropy_weights(logits: dict[str, torch.Tensor], present: dict[str, torch.Te
 class MLA(HeadMethod):
     Options = MLAOptions
     summary = "alternating unimodal steps, shared head with RLS gradient projection, entropy-weighted fusion"
+    training = Training("sgd", 1e-3, 1e-4, "step:70:0.1", 64,
+                        "MLA paper §A (SGD momentum 0.9, lr 1e-3, decay 0.1, batch 64) and official main.py "
+                        "(weight decay 1e-4, StepLR 70 × 0.1 per epoch, 100 epochs)")
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

@@ -1,58 +1,103 @@
-"""``ogm-ge``: concat with On-the-fly Gradient Modulation and Generalization Enhancement (CVPR 2022).
+"""``ogm-ge``: concat with On-the-fly Gradient Modulation and Generalization Enhancement (Peng et al., CVPR 2022).
 
-Per batch, each modality's confidence is ``s_m = Σ_i softmax(out_m)[y_i]`` where ``out_m`` is the
-concat classifier's slice for m plus half the bias (the public code's split of the bias). With
-``ρ_m = s_m / mean of the other modalities' s`` (the ratio to the other one for M = 2), the
-dominant modalities (ρ_m > 1) get ``k_m = 1 − tanh(α · relu(ρ_m − 1))`` (paper) or
-``1 − tanh(α · relu(ρ_m))`` (``--coeff-form code``, what the public code computes); others k = 1.
-Between ``--modulation-start`` and ``--modulation-end`` epochs the projection weight gradients
-become ``g·k_m + N(0, std(g))`` (GE noise on every modulated weight, as the public code does).
-With cached features the modulated parameters are the projections ``P_m``.
+**Scores** (paper eqs. 6–8). Per batch, modality m's confidence is ``s_m = Σ_i softmax(out_m)_i[y_i]``
+where ``out_m`` is the concat classifier's column slice for m plus the bias divided by M (the public
+code's split: ``bias / 2`` for two modalities). Only the samples that have m count (an absent
+modality's zero feature would otherwise add the bias's confidence to s_m); when the modalities have
+different numbers of present samples the ratio compares means instead of sums (choice; with complete
+data it is exactly the paper's ratio of sums). ``ρ_m = s_m / s̄_others`` (the other modality for
+M = 2; the mean of the others' s for M > 2, choice).
+
+**Coefficient** (eq. 10, as the authors' code quotes it: ``1 − tanh(α · relu(ratio))`` for the
+dominant modality): ``k_m = 1 − tanh(α · ρ_m)`` when ``ρ_m > 1``, else 1 — ``--coeff-form paper``, the
+default. ``--coeff-form shifted`` is ``1 − tanh(α · (ρ_m − 1))``, a variant this tool once used by
+mistake, kept only under its own name (it leaves k ≈ 1 near balance, where eq. 10 already gives
+``1 − tanh(α)``).
+
+**Modulation and GE** (eqs. 9, 11). Between ``--modulation-start`` and ``--modulation-end`` (1-based,
+inclusive; the code's epochs 0–50 of 100 are our 1–51) each modality's projection weight gradient
+becomes ``g·k_m + N(0, σ²)``. The noise is added to every modality's weights, k = 1 included, as the
+code does. σ (``--noise-std``): ``unscaled`` (default) is ``std(g)`` of the gradient before scaling —
+what the authors' current code computes (``grad = grad * k + normal(0, grad.std())`` evaluates the std
+before the assignment); ``scaled`` is ``std(g·k)``, the order of their earlier release
+(``grad *= k; grad += normal(0, grad.std())``). ``--no-ge`` is OGM without GE.
+
+**Training** as the official code: SGD (momentum 0.9, weight decay 1e-4), lr 1e-3, StepLR(70, 0.1);
+the mechanism scales gradient magnitudes, which Adam's per-parameter normalisation largely undoes
+(measured on ``av``: the strong projection moved 0.89× concat's under Adam, 0.46× under SGD).
+
+With cached features the modulated parameters are the projections ``P_m`` (the code modulates the
+encoders' convolution weights; never the fusion head).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+import math
+
 import torch
 from torch import nn
 
-from heads.methods.base import HeadMethod, encode
+from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class OGMOptions:
     alpha: float = field(default=0.8, metadata={"help": "modulation strength α (0.8 CREMA-D, 0.1 VGGSound)"})
-    coeff_form: Literal["paper", "code"] = field(default="paper", metadata={"help": "relu(ρ−1) as in the paper, or relu(ρ) as in the public code"})
-    modulation_start: int = field(default=1, metadata={"help": "first epoch with modulation"})
-    modulation_end: int = field(default=50, metadata={"help": "last epoch with modulation"})
-    ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, std(g)) to modulated gradients"})
+    coeff_form: Literal["paper", "shifted"] = field(default="paper", metadata={"help": "k = 1 − tanh(α·ρ) for ρ > 1 (paper eq. 10), or 1 − tanh(α·(ρ−1)) (shifted, not the paper's)"})
+    modulation_start: int = field(default=1, metadata={"help": "first epoch with modulation (1-based)"})
+    modulation_end: int = field(default=51, metadata={"help": "last epoch with modulation (the code's 0–50 of 100)"})
+    ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, σ²) to the modulated gradients (GE)"})
+    noise_std: Literal["unscaled", "scaled"] = field(default="unscaled", metadata={"help": "σ = std of the gradient before (code) or after scaling by k (earlier code)"})
+
+
+def coefficient(ratio: float, alpha: float, form: str = "paper") -> float:
+    """``k`` of one modality from its confidence ratio ρ (eq. 10; 1 when the modality is not dominant)."""
+    if ratio <= 1:
+        return 1.0
+    return 1.0 - math.tanh(alpha * (ratio if form == "paper" else ratio - 1.0))
 
 
 class OGMGE(Concat):
     Options = OGMOptions
     summary = "concat with on-the-fly gradient modulation + generalization enhancement"
+    training = Training(FIELD_PROTOCOL.optimizer, FIELD_PROTOCOL.lr, FIELD_PROTOCOL.weight_decay, FIELD_PROTOCOL.schedule,
+                        FIELD_PROTOCOL.batch_size,
+                        "OGM-GE official main.py: SGD momentum 0.9, lr 1e-3, wd 1e-4, StepLR 70 × 0.1, batch 64, 100 epochs")
 
-    def coefficients(self, batch) -> dict[str, float]:
-        """``k_m`` for this batch from the modalities' confidence on the true class."""
+    def scores(self, batch) -> dict[str, float]:
+        """Mean true-class confidence of each modality's slice over the samples that have it (eqs. 6–8)."""
         with torch.no_grad():
             h = encode(self.proj, batch)
             d = self.cfg.hidden
-            score = {}
+            out = {}
             for i, m in enumerate(self.modalities):
-                out = h[m] @ self.cls.weight[:, i * d:(i + 1) * d].T + self.cls.bias / len(self.modalities)
-                score[m] = float(out.softmax(-1).gather(1, batch.y[:, None]).sum())
+                logits = h[m] @ self.cls.weight[:, i * d:(i + 1) * d].T + self.cls.bias / len(self.modalities)
+                conf = logits.softmax(-1).gather(1, batch.y[:, None]).squeeze(1)
+                rows = batch.present[m]
+                out[m] = float(conf[rows].mean()) if bool(rows.any()) else float("nan")
+        return out
+
+    def coefficients(self, batch) -> dict[str, float]:
+        """``k_m`` for this batch (1 for a modality absent from the whole batch, or with no other present)."""
+        score = self.scores(batch)
         coeff = {}
         for m in self.modalities:
-            others = [score[o] for o in self.modalities if o != m]
+            others = [score[o] for o in self.modalities if o != m and not math.isnan(score[o])]
+            if math.isnan(score[m]) or not others:
+                coeff[m] = 1.0
+                continue
             ratio = score[m] / max(sum(others) / len(others), 1e-12)
-            excess = ratio - 1 if self.opts.coeff_form == "paper" else ratio
-            coeff[m] = 1 - float(torch.tanh(torch.tensor(self.opts.alpha * max(excess, 0.0)))) if ratio > 1 else 1.0
+            coeff[m] = coefficient(ratio, self.opts.alpha, self.opts.coeff_form)
         return coeff
 
+    def modulating(self) -> bool:
+        return self.opts.modulation_start <= self.epoch <= self.opts.modulation_end
+
     def train_step(self, batch):
-        if not self.opts.modulation_start <= self.epoch <= self.opts.modulation_end:
+        if not self.modulating():
             return super().train_step(batch)
         coeff = self.coefficients(batch)
 
@@ -61,10 +106,11 @@ class OGMGE(Concat):
                 g = self.proj[m].linear.weight.grad
                 if g is None:
                     continue
-                std = g.std() + 1e-8  # of the unmodulated gradient, as in g·k + N(0, std(g))
+                unscaled_std = g.std()
                 g.mul_(coeff[m])
                 if self.opts.ge:
-                    g.add_(torch.randn_like(g) * std)
+                    std = unscaled_std if self.opts.noise_std == "unscaled" else g.std()
+                    g.add_(torch.randn_like(g) * (std + 1e-8))
 
         loss = nn.functional.cross_entropy(self.logits(batch), batch.y)
         self.step(loss, before_step=modulate)
