@@ -287,15 +287,17 @@ def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-i
 @cache_app.command("verify")
 @friendly
 def cache_verify_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
-    """Check every shard against the manifest and meta: counts, ids, dims, finite values."""
-    from cache import verify
+    """Check every shard against its checksums, the manifest and meta: bytes, ids, labels, splits, dims."""
+    from cache import check
 
     target = resolve_caches(path)[0]
-    problems = verify(target)
-    if problems:
-        for p in problems:
+    report = check(target)
+    for w in report.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if report.problems:
+        for p in report.problems:
             typer.echo(f"problem: {p}", err=True)
-        fail(f"{len(problems)} problem(s) in {target}", 1)
+        fail(f"{len(report.problems)} problem(s) in {target}", 1)
     typer.echo(f"ok: {target} is consistent")
 
 

@@ -1,0 +1,122 @@
+"""Faults and bad input in stage one and the cache: each ends in one clear line, nothing half written.
+
+Every test drives the code path users run (the CLI, or the function it calls) on tiny generated data:
+caches from the synthetic generator, checkpoints of tiny random models, dataset folders written here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import cli
+from cache import check, verify
+from cache.synthetic import make_synthetic
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str, code: int = 2) -> str:
+    """Assert the result is exit ``code`` with exactly one ``error:`` line holding every fragment."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """A small synthetic cache in three shards, ours to damage."""
+    from cache import write_arrays
+
+    rng = np.random.default_rng(0)
+    n = 60
+    return write_arrays(tmp_path / "c", dataset="d", backbone="b",
+                        features={"audio": rng.standard_normal((n, 8)).astype(np.float32),
+                                  "visual": rng.standard_normal((n, 2, 4)).astype(np.float32)},
+                        labels=np.arange(n) % 3, splits=(["train"] * 4 + ["val", "test"]) * (n // 6),
+                        class_names=["a", "b", "c"], shard_size=20)
+
+
+# ---------------------------------------------------------------- 1. cache verify checks the bytes
+
+
+def _flip_bytes(shard: Path, dataset: str, count: int = 64) -> int:
+    """XOR ``count`` raw bytes of ``dataset`` where they lie in the file; returns how many values changed."""
+    with h5py.File(shard, "r") as f:
+        ds = f[dataset]
+        offset, before = ds.id.get_offset(), ds[:].copy()
+    assert offset is not None  # contiguous storage: the bytes sit at one place in the file
+    raw = bytearray(shard.read_bytes())
+    for i in range(count):
+        raw[offset + 3 + 2 * i] ^= 0x01  # the low bit of a float16's low byte: a tiny change, still finite
+    shard.write_bytes(bytes(raw))
+    with h5py.File(shard, "r") as f:
+        after = f[dataset][:]
+    assert np.isfinite(after).all()
+    return int((before != after).sum())
+
+
+def test_verify_catches_flipped_feature_bytes(cache):
+    assert check(cache).problems == [] and check(cache).warnings == []
+    shard = sorted(cache.glob("shard-*.h5"))[1]
+    assert _flip_bytes(shard, "features/audio") == 64
+    result = invoke("cache", "verify", cache)
+    assert result.exit_code == 1, result.output
+    assert f"problem: {shard.name}/features/audio: content checksum mismatch" in result.stderr
+    assert "consistent" not in result.output
+
+
+def test_verify_catches_a_label_changed_in_the_shard_or_the_manifest(cache, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    # A label changed in a shard (with the checksums left as they were)...
+    shard = sorted(cache.glob("shard-*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        f["labels"][3] = (f["labels"][3] + 1) % 3
+    problems = verify(cache)
+    assert any("labels of 1 sample(s) differ from the manifest" in p for p in problems), problems
+    assert any(f"{shard.name}/labels: content checksum mismatch" in p for p in problems), problems
+    # ...and one changed in the manifest only: the shards are intact, the index lies.
+    manifest = pl.read_parquet(other / "manifest.parquet")
+    manifest = manifest.with_columns(pl.when(pl.col("sample_id") == "0000007").then((pl.col("label") + 1) % 3)
+                                     .otherwise(pl.col("label")).alias("label"))
+    manifest.write_parquet(other / "manifest.parquet")
+    result = invoke("cache", "verify", other)
+    assert result.exit_code == 1
+    assert "labels of 1 sample(s) differ from the manifest, e.g. '0000007'" in result.stderr, result.stderr
+    # Splits and presence are checked the same way.
+    manifest = pl.read_parquet(other / "manifest.parquet").with_columns(
+        pl.lit("test").alias("split"), pl.lit(False).alias("present_visual"))
+    manifest.write_parquet(other / "manifest.parquet")
+    problems = verify(other)
+    assert any("splits of" in p for p in problems) and any("presence of visual" in p for p in problems), problems
+
+
+def test_verify_warns_on_a_cache_without_checksums(cache):
+    for shard in cache.glob("shard-*.h5"):  # what a cache written before checksums looks like
+        with h5py.File(shard, "r+") as f:
+            for name in list(f.attrs):
+                del f.attrs[name]
+            f.visititems(lambda _, obj: [obj.attrs.__delitem__(k) for k in list(obj.attrs)])
+    report = check(cache)
+    assert report.problems == [] and report.warnings == [
+        "no checksums: written by an older version; content not verified (3 of 3 shard(s))"]
+    result = invoke("cache", "verify", cache)
+    assert result.exit_code == 0 and "consistent" in result.output
+    assert "warning: no checksums: written by an older version; content not verified" in result.stderr
