@@ -120,3 +120,61 @@ def test_verify_warns_on_a_cache_without_checksums(cache):
     result = invoke("cache", "verify", cache)
     assert result.exit_code == 0 and "consistent" in result.output
     assert "warning: no checksums: written by an older version; content not verified" in result.stderr
+
+
+# ---------------------------------------------------------------- 2. unreadable weights
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A ``folder`` dataset of six samples with an image and an audio file each, two classes."""
+    from tests.test_decode import write_jpeg, write_wav
+
+    root = tmp_path_factory.mktemp("folder")
+    rows = ["sample_id,label,split,image_path,audio_path"]
+    for i in range(6):
+        write_jpeg(root / f"{i}.jpg", seed=i)
+        write_wav(root / f"{i}.wav", 0.5, seed=i)
+        rows.append(f"s{i},{'ab'[i % 2]},{('train', 'val', 'test')[i % 3]},{i}.jpg,{i}.wav")
+    (root / "samples.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def good_weights(tmp_path_factory) -> dict[str, Path]:
+    from tests.test_backbones import tiny_clip, tiny_resnet, tiny_whisper
+
+    root = tmp_path_factory.mktemp("weights")
+    return {"resnet18": tiny_resnet(root / "resnet18.pth"), "whisper": tiny_whisper(root / "large-v3.pt"),
+            "clip": tiny_clip(root / "clip")}
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    """What a download cut halfway leaves: the first half of the file."""
+    data = src.read_bytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+@pytest.mark.parametrize("backbone, family", [("resnet18", "resnet"), ("whisper", "whisper"), ("clip", "clip")])
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_unreadable_weights_are_one_line(backbone, family, damage, good_weights, tiny_folder, tmp_path):
+    import shutil
+
+    good = good_weights[backbone]
+    if backbone == "clip":  # an open_clip folder whose weights file is damaged
+        bad = shutil.copytree(good, tmp_path / "clip")
+        target = bad / "open_clip_pytorch_model.bin"
+    else:
+        bad = target = tmp_path / good.name
+    if damage == "truncated":
+        _truncated(good if backbone != "clip" else good / target.name, target)
+    else:
+        target.write_text("<html>404 Not Found: the mirror moved</html>\n" * 3)
+    config = ["--config", json.dumps({"layers": [1, 1, 1, 1], "image_size": 32})] if family == "resnet" else []
+    result = invoke("extract", "folder", "--backbone", backbone, "--weights", bad, "--data-root", tiny_folder,
+                    "--out", tmp_path / "out", "--workers", 0, "--quiet", *config)
+    line = one_line_error(result, f"cannot read weights {bad}: the file is truncated or not a {family} checkpoint (")
+    assert ("incomplete zip archive" if damage == "truncated" else "neither a torch zip archive nor a pickle") in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("shard-*.h5"))
