@@ -178,3 +178,99 @@ def test_unreadable_weights_are_one_line(backbone, family, damage, good_weights,
     line = one_line_error(result, f"cannot read weights {bad}: the file is truncated or not a {family} checkpoint (")
     assert ("incomplete zip archive" if damage == "truncated" else "neither a torch zip archive nor a pickle") in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("shard-*.h5"))
+
+
+# ---------------------------------------------------------------- 3. an existing --out is refused or replaced whole
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _npz(path: Path, n: int = 30, **arrays) -> Path:
+    rng = np.random.default_rng(1)
+    base = {"x_audio": rng.standard_normal((n, 4)).astype(np.float32), "y": np.arange(n) % 3}
+    np.savez(path, **{**base, **arrays})
+    return path
+
+
+@pytest.mark.parametrize("command", ["make-synthetic", "import-features"])
+def test_existing_out_is_refused_then_replaced_with_overwrite(command, tmp_path):
+    out = tmp_path / "out"
+    first = ["make-synthetic", "--scale", "0.02"] if command == "make-synthetic" else \
+        ["import-features", _npz(tmp_path / "a.npz")]
+    assert invoke(*first, "--out", out).exit_code == 0
+    before = _snapshot(out)
+    second = ["make-synthetic", "--scale", "0.02", "--seed", "7"] if command == "make-synthetic" else \
+        ["import-features", _npz(tmp_path / "b.npz", n=45)]
+    one_line_error(invoke(*second, "--out", out), f"--out {out} already exists and is not empty", "--overwrite")
+    assert _snapshot(out) == before  # untouched
+    result = invoke(*second, "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    after = _snapshot(out)
+    assert after != before and verify(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    if command == "make-synthetic":
+        assert json.loads(after["meta.json"])["synthetic"]["seed"] == 7
+    else:
+        assert pl.read_parquet(out / "manifest.parquet").height == 45
+
+
+def test_a_failed_overwrite_leaves_the_old_cache(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("import-features", _npz(tmp_path / "a.npz"), "--out", out).exit_code == 0
+    before = _snapshot(out)
+    # Passes every check of the importer, then fails inside the writer (a modality name it refuses).
+    bad = _npz(tmp_path / "b.npz", x_Audio=np.zeros((30, 2), np.float32))
+    one_line_error(invoke("import-features", bad, "--out", out, "--overwrite"), "invalid modality name 'Audio'")
+    assert _snapshot(out) == before and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- 5. degenerate data refused before anything is written
+
+
+@pytest.mark.parametrize("arrays, fragments", [
+    ({"y": np.array([0.0, 1.5, 2.0] * 10)}, ["labels in 'y' must be integer class ids; 10 of 30 are not"]),
+    ({"y": np.zeros(30, int)}, ["every label in f.npz is class '0'", "at least two classes"]),
+    ({"y": np.zeros(0, int), "x_audio": np.zeros((0, 4), np.float32)}, ["f.npz holds no samples"]),
+    ({"split": np.array(["train"] * 25 + ["test"] * 5)}, ["f.npz: no val samples", "add 'val'"]),
+    ({"x_audio": np.full((30, 4), np.nan, np.float32)}, ["x_audio is NaN in all 30 rows"]),
+    ({"x_audio": np.where(np.arange(120).reshape(30, 4) % 7 == 0, np.inf, 1.0).astype(np.float32)},
+     ["x_audio holds 18 NaN or inf value(s)", "refused"]),
+    ({"y": np.array(["cat", "dog", "eel"] * 10), "class_names": np.array(["cat", "dog"])},
+     ["label(s) 'eel' of 'y' are not in class_names"]),
+])
+def test_import_refuses_degenerate_data(arrays, fragments, tmp_path):
+    result = invoke("import-features", _npz(tmp_path / "f.npz", **arrays), "--out", tmp_path / "out")
+    one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_accepts_integral_floats_and_string_labels(tmp_path):
+    result = invoke("import-features", _npz(tmp_path / "f.npz", y=np.array([2.0, 0.0, 1.0] * 10)), "--out",
+                    tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    from cache import load_meta, load_split
+
+    assert sorted(set(load_split(tmp_path / "a", "train").labels.tolist())) == [0, 1, 2]
+    y = np.array(["dog", "cat", "eel"] * 10)
+    result = invoke("import-features", _npz(tmp_path / "g.npz", y=y), "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert load_meta(tmp_path / "b")["class_names"] == ["cat", "dog", "eel"]
+    manifest = pl.read_parquet(tmp_path / "b" / "manifest.parquet").sort("sample_id")
+    assert manifest["label"].to_list()[:3] == [1, 0, 2]
+    given = np.array(["eel", "dog", "cat"])  # the file's own order wins when it names the classes
+    result = invoke("import-features", _npz(tmp_path / "h.npz", y=y, class_names=given), "--out", tmp_path / "c")
+    assert result.exit_code == 0 and load_meta(tmp_path / "c")["class_names"] == ["eel", "dog", "cat"]
+    assert pl.read_parquet(tmp_path / "c" / "manifest.parquet").sort("sample_id")["label"].to_list()[:3] == [1, 2, 0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--scale", "0"], "--scale must be a positive number, got 0"),
+    (["--scale", "-1"], "--scale must be a positive number, got -1"),
+    (["--confusion", "visual=1.5"], "--confusion visual=1.5: a confusion is a fraction of samples, in [0, 1]"),
+    (["--strength", "audio=-2"], "--strength audio=-2: a strength must be a finite number >= 0"),
+])
+def test_make_synthetic_refuses_bad_knobs(args, fragment, tmp_path):
+    one_line_error(invoke("make-synthetic", "--out", tmp_path / "out", *args), fragment)
+    assert not (tmp_path / "out").exists()
