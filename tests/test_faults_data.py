@@ -274,3 +274,32 @@ def test_import_accepts_integral_floats_and_string_labels(tmp_path):
 def test_make_synthetic_refuses_bad_knobs(args, fragment, tmp_path):
     one_line_error(invoke("make-synthetic", "--out", tmp_path / "out", *args), fragment)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 4. dataset options nobody reads are refused
+
+
+@pytest.mark.parametrize("option, fragment", [
+    ("bogus=1", "folder: unknown option(s) bogus; known: csv, kinds"),
+    ("split=actor", "unknown option(s) split; known: csv, kinds (split: the folder dataset takes its splits"),
+    ("seed=abc", "unknown option(s) seed; known: csv, kinds (seed:"),
+])
+def test_folder_refuses_options_it_does_not_read(option, fragment, good_weights, tiny_folder, tmp_path):
+    result = invoke("extract", "folder", "--backbone", "resnet18", "--weights", good_weights["resnet18"],
+                    "--data-root", tiny_folder, "--out", tmp_path / "out", "--workers", 0, "--quiet",
+                    "--config", json.dumps({"layers": [1, 1, 1, 1], "image_size": 32}), "-o", option)
+    one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_adapter_refuses_an_unknown_option(tmp_path):
+    from pipeline.datasets import DATASETS, DatasetError, get_dataset
+
+    for name in DATASETS:
+        with pytest.raises(DatasetError) as err:
+            get_dataset(name, tmp_path, bogus="1")
+        assert f"{name}: unknown option(s) bogus; known: " in str(err.value) and "\n" not in str(err.value), name
+    with pytest.raises(DatasetError, match="option seed must be an integer, got 'abc'"):
+        get_dataset("cremad", tmp_path, seed="abc")
+    with pytest.raises(DatasetError, match="option split must be one of random, actor, got 'session'"):
+        get_dataset("cremad", tmp_path, split="session")
