@@ -303,3 +303,119 @@ def test_every_adapter_refuses_an_unknown_option(tmp_path):
         get_dataset("cremad", tmp_path, seed="abc")
     with pytest.raises(DatasetError, match="option split must be one of random, actor, got 'session'"):
         get_dataset("cremad", tmp_path, split="session")
+
+
+# ---------------------------------------------------------------- 6. Git LFS pointers; failures grouped by cause
+
+
+def _lfs_pointer(path: Path, seed: int) -> Path:
+    """The text a Git LFS clone without `git lfs pull` holds in place of a media file."""
+    import hashlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    oid = hashlib.sha256(str(seed).encode()).hexdigest()
+    path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {200000 + seed}\n")
+    return path
+
+
+def _cremad(root: Path, real_actors=(), junk_actors=(), lfs_actors=()) -> Path:
+    """A CREMA-D layout: per actor 2 sentences x 6 emotions; videos real, junk bytes or LFS pointers."""
+    from tests.test_datasets import CREMAD_EMOTIONS, write_video, write_wav
+
+    seed = 0
+    for actors, kind in ((real_actors, "real"), (junk_actors, "junk"), (lfs_actors, "lfs")):
+        for actor in actors:
+            for sentence in ("DFA", "IEO"):
+                for emotion in CREMAD_EMOTIONS:
+                    name, seed = f"{actor}_{sentence}_{emotion}_XX", seed + 1
+                    video, audio = root / "VideoFlash" / f"{name}.flv", root / "AudioWAV" / f"{name}.wav"
+                    if kind == "lfs":
+                        _lfs_pointer(video, seed), _lfs_pointer(audio, -seed)
+                        continue
+                    audio.parent.mkdir(parents=True, exist_ok=True)
+                    write_wav(audio, 0.2, seed=seed)
+                    video.parent.mkdir(parents=True, exist_ok=True)
+                    if kind == "real":
+                        write_video(video, 0.5, codec="flv", fmt="flv", seed=seed)
+                    else:
+                        video.write_bytes(bytes(range(256)) * 8)
+    return root
+
+
+def _extract_cremad(root: Path, weights: Path, out: Path):
+    return invoke("extract", "cremad", "--backbone", "resnet18", "--weights", weights, "--data-root", root,
+                  "--out", out, "--workers", 0, "--quiet", "--frames", 2,
+                  "--config", json.dumps({"layers": [1, 1, 1, 1], "image_size": 32}))
+
+
+def test_a_clone_without_lfs_pull_is_one_line_naming_the_fix(good_weights, tmp_path):
+    root = _cremad(tmp_path / "CREMA-D", lfs_actors=(1001, 1002, 1003))
+    result = _extract_cremad(root, good_weights["resnet18"], tmp_path / "out")
+    one_line_error(result, f"36 files are Git LFS pointers, not media: run `git lfs pull` in {root}", code=1)
+    assert result.output.count("Git LFS pointer") == 2  # the error line and one grouped cause, not 36 lines
+    assert "   36 × Git LFS pointer, not media: <file>" in result.stdout
+    failed = pl.read_parquet(tmp_path / "out" / "cremad" / "resnet18" / "failed.parquet")
+    assert failed.height == 36 and failed["reason"].str.contains(r"\.flv'$").all()  # per file, with its name
+
+
+def test_failures_are_grouped_by_cause_and_lfs_is_reported_once(good_weights, tmp_path):
+    root = _cremad(tmp_path / "CREMA-D", real_actors=(1001, 1002), junk_actors=(1003,), lfs_actors=(1004,))
+    result = _extract_cremad(root, good_weights["resnet18"], tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("12 files are Git LFS pointers, not media: run `git lfs pull`") == 1
+    causes = [line.strip() for line in result.stdout.splitlines() if " × " in line]
+    assert len(causes) == 2 and causes[0].startswith("12 × ") and causes[1].startswith("12 × ")
+    assert any("undecodable video" in c and "<file>" in c for c in causes), causes
+    failed = pl.read_parquet(tmp_path / "out" / "cremad" / "resnet18" / "failed.parquet")
+    assert failed.height == 24 and failed["reason"].n_unique() == 24  # file names kept there
+
+
+# ---------------------------------------------------------------- 7. backbones [T, D]; one workers warning; counts
+
+
+def test_backbones_lists_output_shapes():
+    result = invoke("backbones")
+    assert result.exit_code == 0
+    text = result.output
+    assert "output:  image [1, 768], video [K frames, 768], text [1, 768]  (K = --frames)" in text
+    assert "output:  audio [1, 1280]" in text and "output:  image [1, 2048], video [K frames, 2048]" in text
+    assert "output:  image [1, 3584], video [1, 3584], audio [1, 3584], text [1, 3584]" in text  # ola: [CLASS]
+    assert "image [1, D from the weights]" in text  # a family name: D depends on the weights given
+    from pipeline.backbones import BACKBONES
+
+    assert text.count("output:  ") == len(BACKBONES)
+
+
+def test_workers_beyond_the_cores_warn_once(good_weights, tiny_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cores = len(os.sched_getaffinity(0))
+    if cores > 8:
+        pytest.skip("would start more than 9 worker processes")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "extract", "folder", "--backbone", "resnet18", "--weights",
+         str(good_weights["resnet18"]), "--data-root", str(tiny_folder), "--out", str(tmp_path), "--quiet",
+         "--config", json.dumps({"layers": [1, 1, 1, 1], "image_size": 32}), "--workers", str(cores + 1)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert text.count(f"--workers {cores + 1} on {cores} core(s)") == 1 and "This DataLoader will create" not in text
+
+
+def test_a_rejected_duplicate_row_is_not_an_absent_modality(good_weights, tiny_folder, tmp_path):
+    import shutil
+
+    root = shutil.copytree(tiny_folder, tmp_path / "data")
+    with open(root / "samples.csv", "a") as f:
+        f.write("s1,b,val,1.jpg,1.wav\n")  # the same sample id twice
+    result = invoke("extract", "folder", "--backbone", "resnet18", "--weights", good_weights["resnet18"],
+                    "--data-root", root, "--out", tmp_path / "out", "--workers", 0, "--quiet",
+                    "--config", json.dumps({"layers": [1, 1, 1, 1], "image_size": 32}))
+    assert result.exit_code == 0, result.output
+    assert ("failed      0 samples skipped, 0 modalities stored absent, 1 listed sample rejected by the dataset "
+            "listing") in result.output
+    assert "1 × line 8: duplicated sample_id" in result.output

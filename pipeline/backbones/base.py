@@ -214,9 +214,14 @@ class Backbone(ABC):
     def preprocessor(self) -> Preprocessor:
         """The worker-side half (transforms, tokenizer, feature extractor)."""
 
-    @abstractmethod
+    @classmethod
+    def tokens(cls, kind: str, frames):
+        """``T`` of one sample of ``kind``: one vector per video frame (``frames`` = K), else one."""
+        return frames if kind == "video" else 1
+
     def output_shape(self, kind: str, frames: int) -> tuple[int, int]:
-        """``(T, D)`` of the features of one sample of ``kind`` (``frames`` = K for video)."""
+        """``(T, D)`` of the features of one sample of ``kind`` (``self.dim`` is set by ``load``)."""
+        return self.tokens(kind, frames), self.dim
 
     @abstractmethod
     def encode(self, kind: str, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -94,9 +94,6 @@ class CLIPBackbone(Backbone):
     def preprocessor(self):
         return self._pre
 
-    def output_shape(self, kind, frames):
-        return (frames if kind == "video" else 1), self.dim
-
     def encode(self, kind, batch):
         norm = self.config["normalize"]
         if kind == "text":

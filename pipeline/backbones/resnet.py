@@ -66,9 +66,6 @@ class ResNetBackbone(Backbone):
     def preprocessor(self):
         return ResNetPreprocessor(self.config["image_size"])
 
-    def output_shape(self, kind, frames):
-        return (frames if kind == "video" else 1), self.dim
-
     def encode(self, kind, batch):
         if kind == "video":
             b, k = batch.shape[:2]

@@ -80,9 +80,6 @@ class WhisperBackbone(Backbone):
     def preprocessor(self):
         return WhisperPreprocessor(self.n_mels, self.config["max_chunks"])
 
-    def output_shape(self, kind, frames):
-        return 1, self.dim
-
     def extras(self, kind):
         return {"n_valid": "int64"}
 
