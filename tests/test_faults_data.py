@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 import cli
 from cache import check, verify
-from cache.synthetic import make_synthetic
 
 runner = CliRunner()
 
