@@ -324,15 +324,17 @@ def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-i
 @cache_app.command("verify")
 @friendly
 def cache_verify_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
-    """Check every shard against the manifest and meta: counts, ids, dims, finite values."""
-    from cache import verify
+    """Check every shard against its checksums, the manifest and meta: bytes, ids, labels, splits, dims."""
+    from cache import check
 
     target = resolve_caches(path)[0]
-    problems = verify(target)
-    if problems:
-        for p in problems:
+    report = check(target)
+    for w in report.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if report.problems:
+        for p in report.problems:
             typer.echo(f"problem: {p}", err=True)
-        fail(f"{len(problems)} problem(s) in {target}", 1)
+        fail(f"{len(report.problems)} problem(s) in {target}", 1)
     typer.echo(f"ok: {target} is consistent")
 
 
@@ -343,11 +345,12 @@ def import_features(
     out: Path = typer.Option(..., "--out", help="Cache folder to create."),
     dataset: str = typer.Option(None, help="Dataset name for meta.json (default: file stem)."),
     seed: int = typer.Option(0, help="Seed of the stratified 80/10/10 split made when the file has none."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (atomically)."),
 ):
     """Import features made elsewhere into a cache, so every head method can use them."""
     from heads.importer import import_npz
 
-    path, counts = import_npz(file, out, dataset or file.stem, seed)
+    path, counts = import_npz(file, out, dataset or file.stem, seed, overwrite)
     typer.echo(f"imported {sum(counts.values())} samples into {path} (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
 
 
@@ -360,12 +363,13 @@ def make_synthetic_cmd(
     strength: str = typer.Option("", help="Per-modality signal strength, e.g. audio=2.5,visual=0.7."),
     confusion: str = typer.Option("", help="Per-modality fraction of uninformative samples, e.g. visual=0.2."),
     scale: float = typer.Option(1.0, help="Multiply the preset's sample counts."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (atomically)."),
 ):
     """Generate a built-in-style imbalanced cache with your own modality strengths."""
     from cache import cache_info
     from cache.synthetic import make_synthetic
 
-    path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale)
+    path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale, overwrite)
     info = cache_info(path)
     typer.echo(f"wrote {path}: " + ", ".join(f"{s} {n}" for s, n in info["counts"].items()))
 

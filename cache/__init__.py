@@ -1,7 +1,8 @@
 """The feature cache: the contract between stage one (extraction) and stage two (heads).
 
 A cache is a folder ``<root>/<dataset>/<backbone>/`` holding ``meta.json``, ``manifest.parquet`` and
-float16 HDF5 shards. Both stages import only from here; see ``store.py`` for the layout.
+float16 HDF5 shards with content checksums. Both stages import only from here; see ``store.py`` for
+the layout, ``checksum.py`` and ``verify.py`` for what ``cache verify`` checks.
 """
 from cache.store import (
     SCHEMA_VERSION,
@@ -12,9 +13,9 @@ from cache.store import (
     cache_info,
     load_meta,
     load_split,
-    verify,
     write_arrays,
 )
+from cache.verify import Report, check, verify
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -25,6 +26,8 @@ __all__ = [
     "cache_info",
     "load_meta",
     "load_split",
+    "check",
+    "Report",
     "verify",
     "write_arrays",
 ]

@@ -1,4 +1,4 @@
-"""HDF5 shard store: writer (resumable, atomic shards), manifest, reader, verification.
+"""HDF5 shard store: writer (resumable, atomic shards), manifest, reader.
 
 Layout of one cache folder::
 
@@ -11,6 +11,10 @@ The shards are the source of truth; the manifest is rebuilt from them by ``build
 every rank of a multi-process extraction has closed its writer). A shard is written under a
 temporary name and renamed, so a shard on disk is always whole: a killed writer loses at most the
 samples it had buffered, and a rerun skips every id already in a shard.
+
+Every dataset of a shard, and the shard as a whole, carries a BLAKE2b content checksum as an HDF5
+attribute ``blake2b``, written before the rename (``cache/checksum.py``); ``cache/verify.py``
+recomputes them and checks each shard against the manifest and meta.json.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+from cache.checksum import stamp
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -234,6 +240,7 @@ class CacheWriter:
                 f.create_dataset(f"present/{m}", data=np.concatenate([b[4][m] for b in self._buffer]))
             for k in self._buffer[0][5]:
                 f.create_dataset(f"extra/{k}", data=np.concatenate([b[5][k] for b in self._buffer]))
+            stamp(f)  # content checksums, inside the same atomic rename as the data
         os.replace(tmp, self.path / name)
         self._next_seq += 1
         self.done_ids.update(ids)
@@ -361,53 +368,6 @@ def load_split(path: str | Path, split: str, modalities: list[str] | None = None
         present={m: cat(pres[m], bool, (0,)).bool() for m in mods},
         class_names=list(meta["class_names"]),
     )
-
-
-def verify(path: str | Path) -> list[str]:
-    """Check every shard against the manifest and meta. Returns the problems found (empty = valid)."""
-    import polars as pl
-
-    path = Path(path)
-    meta = load_meta(path)
-    problems: list[str] = []
-    manifest = _manifest(path)
-    if manifest["sample_id"].is_duplicated().any():
-        problems.append("manifest holds duplicated sample ids")
-    seen = 0
-    shards = _shards(path)
-    listed = set(manifest["shard"].unique().to_list())
-    for missing in sorted(listed - {s.name for s in shards}):
-        problems.append(f"{missing}: listed in the manifest but missing on disk")
-    for shard in shards:
-        rows = manifest.filter(pl.col("shard") == shard.name)
-        try:
-            with h5py.File(shard, "r") as f:
-                n = f["ids"].shape[0]
-                if n != rows.height:
-                    problems.append(f"{shard.name}: {n} samples on disk, {rows.height} in the manifest")
-                ids = [s.decode() for s in f["ids"][:]]
-                if ids != rows.sort("row")["sample_id"].to_list():
-                    problems.append(f"{shard.name}: sample ids differ from the manifest")
-                labels = f["labels"][:]
-                if n and (labels.min() < 0 or labels.max() >= len(meta["class_names"])):
-                    problems.append(f"{shard.name}: labels outside [0, {len(meta['class_names'])})")
-                for m, spec in meta["modalities"].items():
-                    x = f[f"features/{m}"]
-                    if tuple(x.shape) != (n, spec["tokens"], spec["dim"]):
-                        problems.append(f"{shard.name}/{m}: shape {list(x.shape)}, meta says [{n}, {spec['tokens']}, {spec['dim']}]")
-                        continue
-                    arr = x[:]
-                    if not np.isfinite(arr).all():
-                        problems.append(f"{shard.name}/{m}: non-finite values")
-                    p = f[f"present/{m}"][:]
-                    if (arr[~p] != 0).any():
-                        problems.append(f"{shard.name}/{m}: absent samples with non-zero features")
-                seen += n
-        except (OSError, KeyError) as err:
-            problems.append(f"{shard.name}: unreadable ({err})")
-    if seen != manifest.height and not problems:
-        problems.append(f"shards hold {seen} samples, the manifest {manifest.height}")
-    return problems
 
 
 def cache_info(path: str | Path) -> dict:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import write_arrays
+from cache.replace import write_folder
+from cache.store import CacheError, write_arrays
 
 
 @dataclass
@@ -73,21 +74,30 @@ def make_synthetic(
     strength: dict[str, float] | None = None,
     confusion: dict[str, float] | None = None,
     scale: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Write the ``preset`` cache to ``out`` (a complete cache folder). Same arguments, same bytes.
 
     ``strength`` / ``confusion`` override per-modality knobs; ``scale`` multiplies the sample counts
-    (tests use small caches).
+    (tests use small caches). Every knob is checked before anything is written; an existing non-empty
+    ``out`` is refused unless ``overwrite``, and then replaced atomically (``cache/replace.py``).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if not scale > 0 or not np.isfinite(scale):
+        raise CacheError(f"--scale must be a positive number, got {scale:g}")
     spec = PRESETS[preset]
     mods = {m: ModalitySpec(**asdict(s)) for m, s in spec.modalities.items()}
     for knob, values in (("strength", strength or {}), ("confusion", confusion or {})):
         for m, value in values.items():
             if m not in mods:
                 raise ValueError(f"preset {preset!r} has no modality {m!r}; it has {', '.join(mods)}")
-            setattr(mods[m], knob, float(value))
+            value = float(value)
+            if knob == "strength" and not (value >= 0 and np.isfinite(value)):
+                raise CacheError(f"--strength {m}={value:g}: a strength must be a finite number >= 0")
+            if knob == "confusion" and not 0 <= value <= 1:
+                raise CacheError(f"--confusion {m}={value:g}: a confusion is a fraction of samples, in [0, 1]")
+            setattr(mods[m], knob, value)
     rng = np.random.default_rng(seed)
     n_tv, n_test = max(int(spec.n_trainval * scale), 2 * len(spec.classes)), max(int(spec.n_test * scale), len(spec.classes))
     n = n_tv + n_test
@@ -115,17 +125,17 @@ def make_synthetic(
         splits[rng.choice(members, size=k, replace=False)] = "val"
     rule = (f"synthetic preset {preset!r}, seed {seed}: first {n_tv} samples train+val "
             f"({spec.val_fraction:.0%} stratified val), last {n_test} test")
-    return write_arrays(
-        out, dataset=f"synthetic-{preset}", backbone="synthetic", features=features, labels=labels,
+    return write_folder(out, overwrite, lambda tmp: write_arrays(
+        tmp, dataset=f"synthetic-{preset}", backbone="synthetic", features=features, labels=labels,
         splits=list(splits), class_names=list(spec.classes), split_rule=rule,
         extra_meta={"synthetic": {"preset": preset, "seed": seed, "scale": scale,
                                   "modalities": {m: asdict(s) for m, s in mods.items()}}},
-    )
+    ))
 
 
 def builtin_cache(preset: str, root: str | Path = "data/builtin") -> Path:
     """The built-in cache for ``preset``, generated on first use (deterministic, about a second)."""
     path = Path(root) / preset
     if not (path / "manifest.parquet").exists():
-        make_synthetic(path, preset)
+        make_synthetic(path, preset, overwrite=True)  # a folder left without a manifest is not a cache yet
     return path

@@ -40,6 +40,11 @@ def _one_line_errors(func):
     return wrapper
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``1 sample``, ``2 samples``; ``many`` for irregular plurals."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -129,15 +134,22 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"cache       {summary.cache}")
         typer.echo(f"samples     {summary.written} new, {summary.already_done} already there, "
                    f"{summary.in_cache} in cache of {summary.listed} listed")
-        typer.echo(f"failed      {summary.failed_samples} samples skipped, {summary.failed_modalities} modalities "
-                   f"stored absent, {summary.rejected_by_listing} rejected by the dataset listing")
-        for reason, count in list(summary.reasons.items())[:8]:
+        typer.echo(f"failed      {_count(summary.failed_samples, 'sample')} skipped, "
+                   f"{_count(summary.failed_modalities, 'modality', 'modalities')} stored absent, "
+                   f"{_count(summary.rejected_by_listing, 'listed sample')} rejected by the dataset listing")
+        for reason, count in list(summary.reasons.items())[:8]:  # by cause: the file names are in failed.parquet
             typer.echo(f"            {count:6d} × {reason}")
         if summary.reasons:
-            typer.echo(f"            all reasons: {summary.cache / 'failed.parquet'}")
+            typer.echo(f"            all reasons, per file: {summary.cache / 'failed.parquet'}")
         typer.echo(f"speed       {summary.rate:.1f} items/s over {summary.seconds:.1f} s (this process)")
+        n = summary.lfs_pointers
+        lfs = (f"{n} {'file is a Git LFS pointer' if n == 1 else 'files are Git LFS pointers'}, not media: "
+               f"run `git lfs pull` in {summary.data_root}")
         if summary.in_cache == 0:
-            _fail(f"nothing could be read: every sample failed (see {summary.cache / 'failed.parquet'})", 1)
+            _fail(lfs if summary.lfs_pointers else
+                  f"nothing could be read: every sample failed (see {summary.cache / 'failed.parquet'})", 1)
+        if summary.lfs_pointers:
+            typer.echo(f"warning: {lfs}", err=True)
 
     @app.command("datasets")
     def datasets_cmd():
@@ -156,10 +168,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("backbones")
     def backbones_cmd():
-        """List the backbone names, the input kinds each encodes, and its weights."""
-        from pipeline.backbones import BACKBONES
+        """List the backbone names, the input kinds each encodes, its output [T, D] per kind, and its weights."""
+        from pipeline.backbones import BACKBONES, output_shapes
 
         for name, (cls, preset) in BACKBONES.items():
             extra = f"  {json.dumps(preset)}" if preset else ""
             typer.echo(f"{name:20s} {cls.family:8s} kinds {', '.join(cls.kinds):24s}{extra}")
+            typer.echo(f"{'':20s} output:  {output_shapes(name)}  (K = --frames)" if "video" in cls.kinds else
+                       f"{'':20s} output:  {output_shapes(name)}")
             typer.echo(f"{'':20s} weights: {cls.weights_layout}")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +30,7 @@ import torch
 from cache import CacheError, CacheWriter, build_manifest, load_meta
 from pipeline.backbones import Backbone, BackboneError, build_backbone
 from pipeline.datasets import DatasetAdapter, DatasetError, DatasetListing, SampleRef, get_dataset
-from pipeline.decode import DecodeError, load_audio, load_image, load_text, load_video_frames
+from pipeline.decode import LFS_REASON, DecodeError, cause, load_audio, load_image, load_text, load_video_frames
 
 AUDIO_RATE = 16000
 FAILED = "failed.parquet"
@@ -146,7 +148,9 @@ class Summary:
     written: int = 0
     failed_samples: int = 0
     failed_modalities: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # cause (reason without file name) -> count
+    lfs_pointers: int = 0  # media files that are Git LFS pointers (a clone without `git lfs pull`)
+    data_root: Path | None = None
     in_cache: int = 0
     left_out: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -196,8 +200,12 @@ def _finish(path: Path, listing: DatasetListing, done_at_start: set[str], summar
     summary.in_cache = manifest.height
     summary.written = len(done_now - done_at_start)
     summary.failed_samples = new.filter(~in_cache & ~pl.col("sample_id").is_in(list(rejected)))["sample_id"].n_unique()
-    summary.failed_modalities = new.filter(in_cache).height
-    summary.reasons = dict(new.group_by("reason").len().sort("len", descending=True).iter_rows())
+    # A modality stored absent is a decoding failure of a sample that is in the cache; a listing row
+    # (modality "") of an id in the cache is a rejected duplicate row, not an absent modality.
+    summary.failed_modalities = new.filter(in_cache & (pl.col("modality") != "")).height
+    causes = Counter(cause(r) for r in new["reason"].to_list())
+    summary.reasons = dict(sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])))
+    summary.lfs_pointers = sum(n for c, n in causes.items() if c.startswith(LFS_REASON))
 
 
 def _progress(enabled: bool):
@@ -317,6 +325,7 @@ def run_extraction(
     todo = [r for r in listing.samples[rank::world] if r.sample_id not in done_at_start]
     todo = todo[:limit] if limit is not None else todo
     summary = Summary(cache=path, rank=rank, listed=len(ids), rejected_by_listing=len(listing.skipped),
+                      data_root=dataset.data_root,
                       attempted=len(todo), already_done=len(done_at_start & set(ids)), left_out=left_out)
     if rank == 0:
         for m, why in left_out.items():
@@ -325,26 +334,34 @@ def run_extraction(
             log(f"resuming: {summary.already_done} of {len(ids)} samples already in {path}")
 
     pre = backbone.preprocessor()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers
-    loader = torch.utils.data.DataLoader(
-        SampleSet(todo, chosen, pre, frames), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=Collate(chosen, pre, keep_partial), pin_memory=backbone.device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    if workers > cores and rank == 0:
+        log(f"warning: --workers {workers} on {cores} core(s): the decoding workers will wait on each other; "
+            f"--workers {max(1, cores - 1)} is usually faster")
+    with warnings.catch_warnings():
+        # torch says the same thing in three lines, once when the loader is built and again when it
+        # starts its workers; the one line above replaces both.
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = torch.utils.data.DataLoader(
+            SampleSet(todo, chosen, pre, frames), batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=Collate(chosen, pre, keep_partial), pin_memory=backbone.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        batches = iter(loader)
     extras = {f"{m}_{name}": dt for m, kind in chosen.items() for name, dt in backbone.extras(kind).items()}
     failures: list[tuple[str, str, str]] = []
     threads = torch.get_num_threads()
     if backbone.device.type == "cpu" and workers > 0:
         # The model and the decoding workers share the cores: more intra-op threads than the cores
         # left over make OpenMP threads wait on each other (5-10x slower on a busy 2-core machine).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores - workers))
     start = time.perf_counter()
     try:
         with _progress(progress and rank == 0) as bar, torch.inference_mode():
             task = bar.add_task(f"{dataset.name} · {backbone_name}", total=len(todo))
-            for batch in loader:
+            for batch in batches:
                 failures += batch["failures"]
                 if batch["ids"]:
                     feats, extra = _encode(backbone, batch, chosen, shapes, extras)

@@ -30,6 +30,20 @@ BACKBONES: dict[str, tuple[type[Backbone], dict]] = {
     "ola": (OlaBackbone, {}),
 }
 
+# The width D of the published weights each name is meant for, shown by `cli.py backbones` before
+# any weights load; the family names take D from whatever weights they are given.
+DIMS: dict[str, int] = {
+    "clip-vit-l14": 768, "clip-vit-l14-openai": 768, "whisper-large-v3": 1280, "resnet18": 512,
+    "resnet50": 2048, "llava7b": 4096, "ola7b": 3584,
+}
+
+
+def output_shapes(name: str) -> str:
+    """``image [1, 768], video [K frames, 768]``: the ``[T, D]`` per input kind of a registry name."""
+    cls, _ = BACKBONES[name]
+    dim = DIMS.get(name, "D from the weights")
+    return ", ".join(f"{kind} [{cls.tokens(kind, 'K frames')}, {dim}]" for kind in cls.kinds)
+
 
 def build_backbone(name: str, weights, config: dict | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> Backbone:
@@ -40,4 +54,4 @@ def build_backbone(name: str, weights, config: dict | None = None, device: str |
     return cls(weights, {**preset, **(config or {})}, device, dtype)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneError", "Preprocessor", "build_backbone", "prepare_torchvision"]
+__all__ = ["BACKBONES", "DIMS", "output_shapes", "Backbone", "BackboneError", "Preprocessor", "build_backbone", "prepare_torchvision"]

@@ -68,6 +68,49 @@ def weights_path(weights, *, expect: str, what: str) -> Path:
     return path.resolve()
 
 
+# Messages of the errors torch.load, pickle and safetensors raise for a file that is cut short or is
+# not a checkpoint at all, and the short reason a user reads instead.
+_UNREADABLE = (
+    ("PytorchStreamReader", "an incomplete zip archive: an interrupted download?"),
+    ("central directory", "an incomplete zip archive: an interrupted download?"),
+    ("Ran out of input", "it ends early"),
+    ("invalid load key", "neither a torch zip archive nor a pickle"),
+    ("deserializing header", "not a valid safetensors file"),
+    ("HeaderTooLarge", "not a valid safetensors file"),
+    ("MetadataIncompleteBuffer", "not a valid safetensors file: cut short?"),
+)
+
+
+def unreadable_weights(path, family: str, err: BaseException) -> BackboneError | None:
+    """The one-line error for weights that cannot be read at all, or None when ``err`` is something else.
+
+    Why: a half-finished download or a wrong file given as ``--weights`` otherwise ends in a
+    50-line traceback from deep inside torch (``PytorchStreamReader failed reading zip archive``,
+    or ``KeyError: 105`` from unpickling the first byte of a text file).
+    """
+    import pickle
+
+    text = str(err)
+    reason = next((why for key, why in _UNREADABLE if key in text or key in type(err).__name__), None)
+    if reason is None and isinstance(err, (pickle.UnpicklingError, EOFError)):
+        reason = "it ends early" if isinstance(err, EOFError) else "neither a torch zip archive nor a pickle"
+    if reason is None and isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
+        reason = "neither a torch zip archive nor a pickle"  # the unpickler read an opcode that is a text byte
+    if reason is None:
+        return None
+    return BackboneError(f"cannot read weights {path}: the file is truncated or not a {family} checkpoint ({reason})")
+
+
+def load_checkpoint(path: Path, family: str):
+    """``torch.load`` of a local checkpoint (tensors only), with unreadable files as one ``BackboneError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError... for a bad file
+        raise (unreadable_weights(path, family, err) or BackboneError(
+            f"cannot read weights {path} as a {family} checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''})")) from None
+
+
 def resolve_config(family: str, defaults: dict, config: dict | None) -> dict:
     """Merge a user config over the family defaults; dict values (prompts) merge one level deep."""
     config = dict(config or {})
@@ -171,9 +214,14 @@ class Backbone(ABC):
     def preprocessor(self) -> Preprocessor:
         """The worker-side half (transforms, tokenizer, feature extractor)."""
 
-    @abstractmethod
+    @classmethod
+    def tokens(cls, kind: str, frames):
+        """``T`` of one sample of ``kind``: one vector per video frame (``frames`` = K), else one."""
+        return frames if kind == "video" else 1
+
     def output_shape(self, kind: str, frames: int) -> tuple[int, int]:
-        """``(T, D)`` of the features of one sample of ``kind`` (``frames`` = K for video)."""
+        """``(T, D)`` of the features of one sample of ``kind`` (``self.dim`` is set by ``load``)."""
+        return self.tokens(kind, frames), self.dim
 
     @abstractmethod
     def encode(self, kind: str, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, prepare_torchvision, weights_path
+from pipeline.backbones.base import (Backbone, BackboneError, Preprocessor, prepare_torchvision, unreadable_weights,
+                                     weights_path)
 
 
 class CLIPPreprocessor(Preprocessor):
@@ -74,8 +75,12 @@ class CLIPBackbone(Backbone):
                     raise BackboneError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())")
                 model, _, transform = open_clip.create_model_and_transforms(
                     name, pretrained=str(path), force_quick_gelu=cfg["quick_gelu"], **norm)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise BackboneError(f"cannot load CLIP weights from {path}: {str(err).splitlines()[0][:300]}") from None
+        except BackboneError:
+            raise
+        except Exception as err:  # torch, pickle, safetensors and open_clip each raise their own types
+            raise (unreadable_weights(path, self.family, err) or BackboneError(
+                f"cannot load CLIP weights from {path}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300] if str(err) else ''}")) from None
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._pre = CLIPPreprocessor(transform, open_clip.get_tokenizer(name))
         dim = getattr(model.visual, "output_dim", None)
@@ -88,9 +93,6 @@ class CLIPBackbone(Backbone):
 
     def preprocessor(self):
         return self._pre
-
-    def output_shape(self, kind, frames):
-        return (frames if kind == "video" else 1), self.dim
 
     def encode(self, kind, batch):
         norm = self.config["normalize"]

@@ -111,9 +111,6 @@ class LlavaBackbone(Backbone):
     def preprocessor(self):
         return self._pre
 
-    def output_shape(self, kind, frames):
-        return (frames if kind == "video" else 1), self.dim
-
     def encode(self, kind, batch):
         pixels = batch.get("pixel_values")
         out = self.model.model(

@@ -165,8 +165,9 @@ class OlaBackbone(Backbone):
     def preprocessor(self):
         return self._pre
 
-    def output_shape(self, kind, frames):
-        return 1, self.dim
+    @classmethod
+    def tokens(cls, kind, frames):
+        return 1  # one [CLASS] vector per sample, whatever the input
 
     def _dummies(self, n: int) -> dict:
         """Ola's zero inputs for the encoder a prompt does not use (both encoders always run)."""

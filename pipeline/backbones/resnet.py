@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, prepare_torchvision, weights_path
+from pipeline.backbones.base import (Backbone, BackboneError, Preprocessor, load_checkpoint, prepare_torchvision,
+                                     weights_path)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +50,9 @@ class ResNetBackbone(Backbone):
 
         block, layers = _ARCHS[arch]
         model = resnet.ResNet(getattr(resnet, block), self.config["layers"] or layers)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, self.family)
+        if not isinstance(state, dict):
+            raise BackboneError(f"{path} is not a state dict: a torchvision ResNet checkpoint maps names to tensors")
         state = state.get("state_dict", state)
         try:
             model.load_state_dict(state)
@@ -62,9 +65,6 @@ class ResNetBackbone(Backbone):
 
     def preprocessor(self):
         return ResNetPreprocessor(self.config["image_size"])
-
-    def output_shape(self, kind, frames):
-        return (frames if kind == "video" else 1), self.dim
 
     def encode(self, kind, batch):
         if kind == "video":

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, weights_path
+from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, load_checkpoint, weights_path
 
 SAMPLE_RATE = 16000
 CHUNK = 30 * SAMPLE_RATE  # samples per encoder window
@@ -60,8 +60,8 @@ class WhisperBackbone(Backbone):
         path = weights_path(weights, expect="file", what=self.weights_layout)
         from whisper.model import AudioEncoder, ModelDimensions
 
+        ckpt = load_checkpoint(path, self.family)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
             dims = ModelDimensions(**ckpt["dims"])
             state = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
         except (RuntimeError, KeyError, TypeError, OSError) as err:
@@ -79,9 +79,6 @@ class WhisperBackbone(Backbone):
 
     def preprocessor(self):
         return WhisperPreprocessor(self.n_mels, self.config["max_chunks"])
-
-    def output_shape(self, kind, frames):
-        return 1, self.dim
 
     def extras(self, kind):
         return {"n_valid": "int64"}

@@ -19,6 +19,20 @@ class DatasetError(Exception):
     """The data root does not hold the expected layout, or an option is invalid. One clear line."""
 
 
+def check_options(dataset: str, options, known, note: str = "") -> None:
+    """Refuse any ``-o`` key the adapter does not read, listing the ones it does.
+
+    Why: an option an adapter silently ignores (``-o split=actor`` on a dataset whose splits come
+    from its files, a typo such as ``-o seeds=3``) would extract the whole dataset with settings the
+    user did not ask for, and nothing would tell. Every adapter calls this, directly or through
+    ``SplitPolicy``; values are checked where each option is read.
+    """
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(known) if known else "none"
+        raise DatasetError(f"{dataset}: unknown option(s) {', '.join(unknown)}; known: {valid}{note}")
+
+
 @dataclass
 class SampleRef:
     """One sample before decoding. ``sources[m]`` is a path (str) for media or the text for text.

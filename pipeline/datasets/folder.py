@@ -20,7 +20,9 @@ from __future__ import annotations
 import csv
 import re
 
-from pipeline.datasets.base import KINDS, DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
+from pipeline.datasets.base import (KINDS, DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped,
+                                    check_options)
+from pipeline.datasets.splits import SPLIT_OPTIONS
 
 _MODALITY = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLITS = ("train", "val", "test")
@@ -53,6 +55,10 @@ class FolderDataset(DatasetAdapter):
 
     def __init__(self, data_root, **options):
         super().__init__(data_root, **options)
+        split_options = sorted(set(options) & set(SPLIT_OPTIONS))
+        note = (f" ({', '.join(split_options)}: the folder dataset takes its splits from the split column)"
+                if split_options else "")
+        check_options(self.name, options, ("csv", "kinds"), note)
         self.csv_path = self.data_root / options.get("csv", "samples.csv")
         if not self.csv_path.is_file():
             raise DatasetError(f"folder dataset: {self.csv_path} not found (see `cli.py datasets` for the format)")

@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipeline.datasets.base import DatasetError, DatasetListing, SampleRef, Skipped
+from pipeline.datasets.base import DatasetError, DatasetListing, SampleRef, Skipped, check_options
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -291,9 +291,7 @@ class SplitPolicy:
                  adapter_options: Sequence[str] = ()):
         holdout = (f"test_{group}", f"val_{group}") if group and "loso" in choices else ()
         known = (*SPLIT_OPTIONS, *holdout, *adapter_options)
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise DatasetError(f"{dataset}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        check_options(dataset, options, known)
         allowed = [c if c != "group" else group for c in choices]
         self.dataset, self.group = dataset, group
         self.seed = parse_int("seed", options.get("seed", 0))
