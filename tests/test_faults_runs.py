@@ -74,15 +74,18 @@ def marked(marker: str) -> list[int]:
 
 
 def workers_ready(pids: list[int], parent: int) -> bool:
-    """Both workers have loaded torch (so their initializer, which runs next, has armed itself)."""
+    """Both workers have run their initializer to its end (it arms PDEATHSIG and the watchdog first,
+    and ignores SIGINT last: bit 2 of the ignored-signal mask in /proc/PID/status)."""
     ready = 0
     for pid in pids:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if pid != parent and b"spawn_main" in cmdline and b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes():
-                ready += 1
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
-            pass
+            continue
+        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if pid != parent and b"spawn_main" in cmdline and ignored & (1 << (signal.SIGINT - 1)):
+            ready += 1
     return ready >= 2
 
 
@@ -103,19 +106,20 @@ def sweep_process(tiny, tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the workers never started"
             time.sleep(0.2)
-        time.sleep(1.0)  # the initializer (PDEATHSIG, watchdog) runs right after torch has loaded
         return proc, marker
 
     yield start
-    for proc in started:  # a broken fix must not leave processes behind on the test machine either
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    # A broken fix must not leave processes behind on the test machine either. Orphaned workers
+    # hold the command's stdout and stderr open, so they go first, then the command is reaped.
     for pid in marked(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def assert_all_gone(marker: str, seconds: float = 5.0) -> None:
