@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
-import typer
+try:
+    import typer
+except ModuleNotFoundError:  # `python cli.py` with a Python that is not the project's environment
+    sys.exit("error: typer is not installed for this Python; run `make env`, then `.venv/bin/python cli.py …` "
+             "(or `source .venv/bin/activate`)")
 
 ROOT = Path(__file__).resolve().parent
 BUILTIN_ROOT = ROOT / "data" / "builtin"
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help is plain text, so option syntax in brackets (edm[order=strong-to-weak])
+# shows as written instead of being read as rich markup and dropped.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Study and fix modality imbalance: extract features once, train heads fast.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 app.add_typer(cache_app, name="cache")
@@ -32,19 +40,39 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds exactly like Ctrl-C.
+
+    A subclass of KeyboardInterrupt on purpose: every ``except KeyboardInterrupt`` / ``finally`` that
+    stops workers and keeps finished runs handles a scheduler's SIGTERM too.
+    """
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def friendly(func):
-    """Turn the tool's own error types into one-line messages."""
+    """Turn the tool's own error types, Ctrl-C and SIGTERM into one-line messages."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from cache import CacheError
         from heads.core import OptionError
 
+        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return func(*args, **kwargs)
         except (CacheError, OptionError, FileNotFoundError, ValueError) as err:
             fail(str(err))
+        except Terminated:
+            fail("terminated; finished runs are kept, rerun the same command to resume", 143)
         except KeyboardInterrupt:
             fail("interrupted; finished runs are kept", 130)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -125,22 +153,32 @@ def train_head(
     weight_decay: float = WD, missing_train: float = MISS_TRAIN, missing_test: float = MISS_TEST,
     modalities: str = MODALITIES, name: str = typer.Option(None, help="Run folder name (default: method-dataset-seed-time)."),
     out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same --name (whole, not merged)."),
 ):
     """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
 
     Writes runs/<name>/: config.json (resolved), epochs.csv, results.json, table.md, model.pt.
+    An existing run of the same --name is refused unless --overwrite; --name is a folder name inside --out.
     """
-    from heads.core import fit, method_class, parse_option_args
+    from heads.core import OptionError, fit, method_class, parse_option_args
     from heads.data import load_head_data
-    from heads.runner import timestamp
+    from heads.runner import run_folder, timestamp, write_whole
+
+    def new_run(folder_name: str) -> Path:
+        run_dir = run_folder(out, folder_name)
+        if (run_dir.exists() or run_dir.is_symlink()) and not overwrite:
+            raise OptionError(f"run {run_dir} exists; add --overwrite to replace it, or choose another --name")
+        return run_dir
 
     method_class(method)
     options = parse_option_args(method, list(ctx.args))
     cfg = _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
                         missing_test, options, schedule, standardize)
+    if name is not None:
+        new_run(name)  # refused before the cache loads
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
-    run_dir = out / (name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
-    result = fit(data, cfg, run_dir, progress=not quiet)
+    run_dir = new_run(name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
+    result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet))
     typer.echo((run_dir / "table.md").read_text().rstrip())
     typer.echo(f"best epoch {result.best_epoch}/{epochs} · {result.seconds:.1f} s · {run_dir}")
 
@@ -153,7 +191,7 @@ def compare(
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
     missing_test: float = MISS_TEST, modalities: str = MODALITIES,
-    name: str = typer.Option(None, help="Folder name under --out (default: compare-time); rerun to resume."),
+    name: str = typer.Option(None, help="Folder name under --out (default: compare-time); an existing folder of that name is resumed."),
     out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
     standardize: str = STANDARDIZE,
     same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, or the options given) instead of each paper's."),
@@ -170,7 +208,7 @@ def compare(
     from heads.data import load_head_data
     from heads.methods import METHODS
     from heads.runner import compare as run_compare
-    from heads.runner import parse_seeds, split_specs, timestamp
+    from heads.runner import parse_seeds, run_folder, split_specs, timestamp
 
     specs = split_specs(methods or ",".join(METHODS))
     seed_list = parse_seeds(seeds)
@@ -181,8 +219,8 @@ def compare(
         schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
     base = _train_config(specs[0].split("[")[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
                          missing_train, missing_test, schedule=schedule, standardize=standardize)
+    folder = run_folder(out, name or f"compare-{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
-    folder = out / (name or f"compare-{timestamp()}")
     table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
     typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation"
                f" · features standardised: {standardize}")
@@ -203,24 +241,29 @@ def grid_cmd(
     modalities: str = MODALITIES,
     name: str = typer.Option(None, help="Folder name under --out (default: grid-METHOD-time); the same name resumes."),
     out: Path = OUT, quiet: bool = QUIET,
+    yes: bool = typer.Option(False, "--yes", help="Start a grid of more than 200 runs (without it such a grid is refused, with its size)."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep model.pt of every run (default: only the selected config's runs keep theirs)."),
 ):
     """Tune a method over seeds and select on validation; axes follow as --name values.
 
     Values: 0.1,0.5 (a list), 0.0:0.9:0.1 (an inclusive range), 'a,b|c,d' (values with commas).
     Any method option or training setting is an axis: --tau 0.0:0.9:0.1 --lr 1e-3,3e-3 --no-align.
-    Writes OUT/NAME/: one folder per run, grid.json, grid.parquet, grid.csv, grid.md, grid.png.
+    Writes OUT/NAME/: one folder per run, grid.json, grid.parquet, grid.csv, grid.md, grid.png;
+    model.pt only in the selected config's runs unless --keep-models. More than 200 runs need --yes.
     """
     from heads.data import load_head_data
-    from heads.grid import parse_axis_args, run_grid
-    from heads.runner import parse_seeds, timestamp
+    from heads.grid import check_size, parse_axis_args, run_grid
+    from heads.runner import parse_seeds, run_folder, timestamp
 
     axes = parse_axis_args(method, list(ctx.args))
     seed_list = parse_seeds(seeds)
+    check_size(axes, seed_list, protocol, yes)  # before the cache loads
     # Settings that are not axes keep the defaults of train-head, read from the shared options.
     base = _train_config(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0)
+    folder = run_folder(out, name or f"grid-{method}-{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
-    folder = out / (name or f"grid-{method}-{timestamp()}")
-    outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet)
+    outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet,
+                       yes=yes, keep_models=keep_models)
     sel = outcome.selection
     typer.echo((folder / "grid.md").read_text().rstrip())
     typer.echo(f"selected on validation: {sel.config} · val {sel.val_mean:.2f} ± {sel.val_std:.2f} · "
@@ -249,15 +292,15 @@ def robustness_cmd(
     """
     from heads.data import load_head_data
     from heads.robustness import parse_protocols, parse_rates, run_robustness
-    from heads.runner import parse_method_spec, parse_seeds, split_specs, timestamp
+    from heads.runner import parse_method_spec, parse_seeds, run_folder, split_specs, timestamp
 
     labels = split_specs(methods)
     names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
     rates, protocols, seed_list = parse_rates(missing), parse_protocols(protocol), parse_seeds(seeds)
     base = _train_config(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0,
                          schedule=schedule, standardize=standardize)
+    folder = run_folder(out, name or f"robustness-{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
-    folder = out / (name or f"robustness-{timestamp()}")
     run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
     typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
     typer.echo((folder / "robustness.md").read_text().rstrip())
@@ -269,11 +312,12 @@ def robustness_cmd(
 def report_cmd(
     folders: list[Path] = typer.Argument(..., help="Run, compare, grid or robustness folders."),
     out: Path = typer.Option(None, "--out", help="One report.md for all folders here (default: a report.md in each folder)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out: a file of that name, or the report.md in it."),
 ):
     """Paper-style Markdown tables and PNG figures (per-epoch EDM, φ, order; τ/β curves; robustness curves)."""
     from heads.report import write_report
 
-    for path in write_report(folders, out):
+    for path in write_report(folders, out, overwrite):
         typer.echo(f"wrote {path} (figures beside it)")
 
 
@@ -391,5 +435,10 @@ def _key_values(text: str) -> dict[str, float]:
     return out
 
 
-if __name__ == "__main__":
+def main():
+    """The installed commands (`modality-balance`, `mb`; see pyproject.toml) are this file."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,8 @@ import re
 import shutil
 import signal
 import statistics
+import sys
+import threading
 import time
 import typing
 from collections import Counter
@@ -58,6 +60,11 @@ CORE_AXES = ("lr", "batch_size", "hidden", "weight_decay", "optimizer", "schedul
 # The CCAT paper's protocol: tune the LoRA rank first (β at its default), then β at the best rank.
 CCAT_STAGES = ("rank", "beta")
 CCAT_DEFAULTS = {"rank": [1, 2, 4, 8, 16], "beta": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]}
+# A grid that cannot end is refused before anything is built: no axis and no grid may exceed MAX_RUNS
+# (a range's length is computed from its ends, never by listing it), and a grid of more than
+# CONFIRM_RUNS runs starts only with ``--yes`` (a typo such as 1:10000:1 should cost a line, not a week).
+MAX_RUNS = 100_000
+CONFIRM_RUNS = 200
 
 
 # --- axes --------------------------------------------------------------------------------------
@@ -92,6 +99,9 @@ def _expand_range(kind: type, text: str, name: str) -> list:
     if step <= 0 or stop < start:
         raise OptionError(f"{_flag(name)}: range {text!r} needs step > 0 and stop ≥ start")
     count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > MAX_RUNS:  # counted from the ends, before a single value is made
+        raise OptionError(f"{_flag(name)}: range {text!r} has {count:,} values, more than the {MAX_RUNS:,} "
+                          "a grid may have; use a larger step")
     return [_number(kind, str(start + i * step), name) for i in range(count)]
 
 
@@ -180,6 +190,30 @@ def parse_axis_args(method: str, args: list[str]) -> dict[str, list]:
     return axes
 
 
+def planned_runs(axes: dict[str, list], seeds: list[int], protocol: str = "joint") -> int:
+    """How many runs a grid trains, from the axis lengths alone (the ``ccat`` protocol: at most
+    |rank| + |β| configs, one of them shared by its two stages)."""
+    if protocol == "ccat":
+        configs = sum(len(axes.get(k, CCAT_DEFAULTS[k])) for k in CCAT_STAGES)
+    else:
+        configs = math.prod(len(v) for v in axes.values())
+    return configs * len(seeds)
+
+
+def check_size(axes: dict[str, list], seeds: list[int], protocol: str = "joint", yes: bool = False) -> int:
+    """Refuse a grid too large to be meant before anything loads or trains; return its run count.
+
+    Above ``MAX_RUNS`` always; above ``CONFIRM_RUNS`` unless the user confirmed with ``--yes``.
+    """
+    runs = planned_runs(axes, seeds, protocol)
+    shape = f"{runs:,} runs ({runs // len(seeds):,} config(s) × {len(seeds)} seed(s))"
+    if runs > MAX_RUNS:
+        raise OptionError(f"the grid has {shape}, more than the {MAX_RUNS:,} allowed; use fewer values or seeds")
+    if runs > CONFIRM_RUNS and not yes:
+        raise OptionError(f"the grid has {shape}; add --yes to start it, or use fewer values or seeds")
+    return runs
+
+
 # --- runs --------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
@@ -213,14 +247,33 @@ def expand(method: str, axes: dict[str, list], base: TrainConfig, seeds: list[in
     specs = []
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo))
-        core = {k: v for k, v in values.items() if k in CORE_AXES}
-        opts = resolve_options(method, {**base.options, **{k: v for k, v in values.items() if k not in CORE_AXES}})
-        cfg = replace(base, method=method, options=opts, **core)
+        cfg = _config(method, values, base)
         shown = {k: values[k] for k in named}
         slug = config_slug(shown)
         for seed in seeds:
             specs.append(RunSpec(f"{slug}-seed{seed}", slug, replace(cfg, seed=seed), {"label": slug, "values": shown}))
     return specs
+
+
+def _config(method: str, values: dict, base: TrainConfig) -> TrainConfig:
+    """``base`` with one combination of axis values applied (training settings and method options)."""
+    core = {k: v for k, v in values.items() if k in CORE_AXES}
+    opts = resolve_options(method, {**base.options, **{k: v for k, v in values.items() if k not in CORE_AXES}})
+    return replace(base, method=method, options=opts, **core)
+
+
+def validate_axes(method: str, axes: dict[str, list], base: TrainConfig, data: HeadData) -> None:
+    """Build one model per axis value, the other axes at their first value, before the full product.
+
+    A value out of range (``--tau 0:1000:1``) then fails after a handful of builds instead of after
+    building every config before it. Each config checked here is one of the grid's own, so nothing
+    valid is refused; ``validate`` still checks every combination afterwards.
+    """
+    first = {k: v[0] for k, v in axes.items()}
+    build_model(_config(method, first, base), data.spec).configure_optimizer()
+    for name, values in axes.items():
+        for value in values[1:]:
+            build_model(_config(method, {**first, name: value}, base), data.spec).configure_optimizer()
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
@@ -260,11 +313,48 @@ class _Job:
 _DATA: HeadData | None = None
 
 
-def _init_worker(data: HeadData, threads: int) -> None:
+def _init_worker(data: HeadData, threads: int, parent: int) -> None:
     global _DATA
+    _die_with_parent(parent)
     _DATA = data
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker as soon as the sweep process ``parent`` is gone, whatever ended it.
+
+    A worker that outlives its sweep (``kill -9``, the out-of-memory killer, a scheduler's SIGTERM
+    escalated to SIGKILL) keeps its ≈400 MB, finishes its runs into a folder nobody reads and then
+    idles under PID 1 for ever. Two mechanisms, because neither is enough alone:
+
+    - Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker the instant its parent
+      dies, even by SIGKILL. It is Linux only, it is armed after the worker has started (a parent
+      that died in between is missed: hence the ``getppid`` check right after), and it fires when
+      the *thread* that spawned the worker ends, not the process. Our workers are spawned by
+      ``submit`` in the sweep's own thread, which outlives the pool (``run_sweep`` closes it before
+      returning); a pool that respawned workers from a helper thread would lose them when that
+      thread ended, so the signal is SIGKILL-on-parent-thread and must not be the only safeguard.
+    - A daemon thread polling ``os.getppid()`` against the original parent and calling ``os._exit``
+      (no cleanup to run: an unfinished run is a checkpoint or nothing): portable (macOS, where there
+      is no PDEATHSIG) and independent of threads, at the cost of up to half a second.
+    """
+    if sys.platform.startswith("linux"):  # elsewhere the watchdog alone
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (AttributeError, OSError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _work(job: _Job) -> dict:
@@ -382,7 +472,7 @@ class _Workers:
     def __init__(self, data: HeadData, count: int, threads: int):
         import torch.multiprocessing as tmp  # registers the reductions that pass tensors through shared memory
 
-        self.pool = futures.ProcessPoolExecutor(count, tmp.get_context("spawn"), _init_worker, (data, threads))
+        self.pool = futures.ProcessPoolExecutor(count, tmp.get_context("spawn"), _init_worker, (data, threads, os.getpid()))
         self.pending: dict[futures.Future, object] = {}
 
     def submit(self, tag, job: _Job) -> None:
@@ -497,22 +587,40 @@ def _csv_column(path: Path, column: str) -> list[float]:
 
 
 def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int = 0, prune: bool = False,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, label: str = "grid") -> list[dict]:
     """Run (or resume) every spec into ``folder``; return their results records in spec order.
 
     ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
     ``prune``: successive halving over the specs' groups (see the module docstring).
+    ``label``: what the progress bar calls the sweep (grid, compare, robustness).
+
+    Everything that can be checked without training is checked before ``folder`` is made, and a
+    folder this call made is removed again if it is still empty when the sweep fails or is stopped:
+    a failed command leaves nothing behind, a stopped one keeps its finished runs and checkpoints.
     """
     if workers < 0:
         raise OptionError(f"--workers must be 0 (one per core) or positive, got {workers}")
     repeated = sorted(name for name, count in Counter(s.name for s in specs).items() if count > 1)
     if repeated:
         raise OptionError(f"runs given twice (a repeated seed or value?): {', '.join(repeated)}")
-    folder.mkdir(parents=True, exist_ok=True)
     validate(specs, data)
     epochs = {s.cfg.epochs for s in specs}
     if prune and len(epochs) != 1:
         raise OptionError("pruning needs one epoch budget for every run")
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _sweep(data, specs, folder, workers, prune, progress, label)
+    except BaseException:
+        for path in made:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+
+
+def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
+           label: str) -> list[dict]:
+    epochs = {s.cfg.epochs for s in specs}
     total = max(epochs)
     milestones = halving_milestones(total) if prune else None
     groups: dict[str, list[RunSpec]] = {}
@@ -523,7 +631,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     threads = max(1, default_workers() // workers)
 
     with _progress_bar(progress) as bar:
-        task = bar.add_task("grid", total=None)
+        task = bar.add_task(label, total=None)
 
         def tick(job: _Job) -> None:
             if workers > 1:
@@ -547,7 +655,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
                 chains = [_chain(s, folder, state.start(s, until), until, finish, pieces, milestones)
                           for s, until, finish in plan]
                 bar.update(task, total=sum(j.until - j.start for c in chains for j in c), completed=0,
-                           description=f"{'grid' if not prune else f'rung ≤ epoch {target}'}: {len(plan)} run(s)")
+                           description=f"{label if not prune else f'{label} rung ≤ epoch {target}'}: {len(plan)} run(s)")
                 if chains:
                     if runner is None:
                         runner = _Workers(data, workers, threads)
@@ -694,16 +802,25 @@ class GridOutcome:
 
 
 def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int], base: TrainConfig, folder: Path,
-             prune: bool = False, protocol: str = "joint", workers: int = 0, progress: bool = True) -> GridOutcome:
+             prune: bool = False, protocol: str = "joint", workers: int = 0, progress: bool = True,
+             yes: bool = False, keep_models: bool = False) -> GridOutcome:
     """Run the grid (joint: the full product; ``ccat``: rank first, then β at the best rank), select on
-    validation, and write ``grid.json``, ``grid.parquet``/``grid.csv``, ``grid.md`` and ``grid.png``."""
+    validation, and write ``grid.json``, ``grid.parquet``/``grid.csv``, ``grid.md`` and ``grid.png``.
+
+    ``yes`` confirms a grid of more than ``CONFIRM_RUNS`` runs. Only the selected config's runs keep
+    their ``model.pt`` unless ``keep_models`` (a model is as large as its projections: 291 MB per run
+    for the CCAT protocol on Ola-7B features); the other runs keep everything else, and resuming
+    recognises a finished run by its ``results.json`` and ``config.json``, not by its model.
+    """
     start = time.perf_counter()
-    if protocol == "joint":
-        records = run_sweep(data, expand(method, axes, base, seeds), folder, workers, prune, progress)
-    elif protocol == "ccat":
-        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress)
-    else:
+    if protocol not in ("joint", "ccat"):
         raise OptionError(f"--protocol must be joint or ccat, got {protocol!r}")
+    check_size(axes, seeds, protocol, yes)
+    if protocol == "joint":
+        validate_axes(method, axes, base, data)
+        records = run_sweep(data, expand(method, axes, base, seeds), folder, workers, prune, progress)
+    else:
+        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress)
     selection = select(records if protocol == "joint" else [r for r in records if r["stage"] == 2])
     seconds = time.perf_counter() - start
     from heads import plots
@@ -718,6 +835,10 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     (folder / "grid.json").write_text(json.dumps(info, indent=2))
     (folder / "grid.md").write_text(grid_markdown(info, configs))
     plots.grid_curves(configs, selection.config, folder / "grid.png", f"{method} grid")
+    if not keep_models:
+        for r in records:
+            if r["label"] != selection.config:
+                (folder / r["run"] / "model.pt").unlink(missing_ok=True)
     return GridOutcome(records, selection, folder, seconds)
 
 

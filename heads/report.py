@@ -174,10 +174,25 @@ def folder_report(path: Path, out: Path, prefix: str) -> str:
     return "\n".join(section)
 
 
-def write_report(paths: list[Path], out: Path | None = None) -> list[Path]:
-    """``report.md`` with the paper-style tables and PNG figures: one per folder, or one for all in ``out``."""
+def write_report(paths: list[Path], out: Path | None = None, overwrite: bool = False) -> list[Path]:
+    """``report.md`` with the paper-style tables and PNG figures: one per folder, or one for all in ``out``.
+
+    Every folder is checked before anything is written. ``out`` is a folder: an existing file there,
+    or a ``report.md`` already in it, is replaced only with ``overwrite`` (a report written into a
+    sweep's own folder, without ``out``, is derived from it and simply regenerated).
+    """
+    from heads.core import OptionError
+
+    for path in paths:
+        folder_kind(path)
     written = []
     if out is not None:
+        if out.exists() and not out.is_dir():
+            if not overwrite:
+                raise OptionError(f"--out {out} is an existing file; add --overwrite to replace it with the report folder")
+            out.unlink()
+        elif (out / "report.md").exists() and not overwrite:
+            raise OptionError(f"{out / 'report.md'} exists; add --overwrite to replace it, or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         sections = [folder_report(p, out, p.name) for p in paths]
         (out / "report.md").write_text("# Report\n\n" + "\n".join(sections))

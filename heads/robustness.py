@@ -110,7 +110,7 @@ def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds:
     """
     start = time.perf_counter()
     specs = robustness_specs(labels, rates, seeds, protocols, base)
-    records = run_sweep(data, specs, folder, workers, progress=progress)
+    records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness")
     rows = robustness_rows(records, rates, protocols, data.spec.modalities)
     summary = robustness_summary(rows)
     from heads import plots

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from heads.core import OptionError, TrainConfig, resolve_options
 from heads.data import HeadData
-from heads.grid import RunSpec, run_sweep
+from heads.grid import MAX_RUNS, RunSpec, run_sweep
 from heads.report import results_table
 
 _SPEC = re.compile(r"^([a-z][a-z0-9_-]*)(?:\[(.*)\])?$")
@@ -60,11 +62,49 @@ def parse_seeds(text: str) -> list[int]:
     if count < 1:
         raise OptionError("--seeds N is a count of seeds (3 → 0,1,2) and must be at least 1; "
                           "for one given seed write a list, e.g. --seeds 0,")
+    if count > MAX_RUNS:
+        raise OptionError(f"--seeds {count:,} is more seeds than the {MAX_RUNS:,} runs a sweep may have")
     return list(range(count))
 
 
 def timestamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_folder(out: Path, name: str) -> Path:
+    """``out/name``, refusing a ``--name`` that is not one folder name inside ``--out``.
+
+    A name is a folder name, not a path: separators, ``.`` and ``..`` are refused outright (so
+    ``--name ../../escape`` cannot write outside ``--out``), and the resolved folder must lie in
+    the resolved ``--out`` (a symlink inside ``--out`` may not lead out of it either).
+    """
+    bad = not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+    folder = out / name
+    if bad or not folder.resolve().is_relative_to(out.resolve()) or folder.resolve() == out.resolve():
+        raise OptionError(f"--name {name!r} must be a plain folder name inside --out (no '/', '\\' or '..')")
+    return folder
+
+
+def write_whole(final: Path, write):
+    """``write(folder)`` into a temporary folder beside ``final``, then put it in place whole.
+
+    Used to replace a run (``train-head --overwrite``): the old folder is moved aside and deleted
+    only once the new one is complete, so the new run never mixes with the old run's files (an edm
+    run's report and figures beside a concat run), and a failure or Ctrl-C while training leaves the
+    old run as it was. Returns what ``write`` returns.
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = write(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
@@ -80,7 +120,7 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
                          {"label": spec}) for seed in seeds]
-    results = run_sweep(data, runs, out, workers, progress=progress)
+    results = run_sweep(data, runs, out, workers, progress=progress, label="compare")
     table = results_table(results, data.spec.modalities)
     (out / "table.md").write_text(table)
     with open(out / "results.csv", "w", newline="") as f:
