@@ -237,3 +237,34 @@ def test_invalid_options_are_refused():
         edm(tau=1.5)
     with pytest.raises(ValueError, match="--initial-order must name"):
         edm(initial_order="a,b")
+
+
+def test_each_chain_step_loss_averages_the_samples_that_have_the_modality():
+    """Step k's loss is the CE over the samples that have modality k (the others pass their state
+    through and add nothing), the logged loss the mean over the M steps, and a modality nobody in the
+    batch has takes no step while the chain goes on. Without memory and alignment ``H_k = h_k``, and
+    with lr = 0 the parameters stay put, so each step's loss is ``CE(cls(P_k(x_k)))`` over its rows."""
+    model = edm(memory=False, align=False)
+    model.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    steps, plain = [], model.optimizer.step
+    model.optimizer.step = lambda *a, **k: (steps.append(1), plain(*a, **k))[1]
+    model.start_epoch(1)
+    b = batch(n=6)
+    for m, absent in {"a": [0], "b": [1, 2], "c": [5]}.items():
+        b.present[m][absent] = False
+        b.x[m][absent] = 0
+
+    def ce(m):
+        rows = b.present[m]
+        return torch.nn.functional.cross_entropy(model.cls(torch.relu(model.proj[m].linear(b.x[m][rows]))), b.y[rows])
+
+    with torch.no_grad():
+        expect = (ce("a") + ce("b") + ce("c")) / 3
+    torch.testing.assert_close(model.train_step(b), expect)
+    assert len(steps) == 3
+    # Nobody has a (first in the order): b and c still take their steps.
+    b.present["a"][:] = False
+    b.x["a"][:] = 0
+    steps.clear()
+    model.train_step(b)
+    assert len(steps) == 2
