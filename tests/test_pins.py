@@ -52,7 +52,8 @@ def projection(model, m, x):
 
 def aligned(h_cur, h_prev, state, tau=TAU):
     """``a = S' H_prev``: S[i, j] = cos(h_cur_i, h_prev_j), kept where > τ, diagonal 1, rows summing to 1."""
-    s = (h_cur / h_cur.norm(dim=1, keepdim=True)) @ (h_prev / h_prev.norm(dim=1, keepdim=True)).T
+    unit = lambda h: h / h.norm(dim=1, keepdim=True).clamp_min(1e-8)  # noqa: E731 (a zero row stays zero)
+    s = unit(h_cur) @ unit(h_prev).T
     s = torch.where(s > tau, s, torch.zeros_like(s))
     s = s - torch.diag(s.diagonal()) + torch.eye(len(s))  # diagonal 1, and no gradient through it
     return (s / s.abs().sum(1, keepdim=True)) @ state
@@ -156,6 +157,45 @@ def test_edm_takes_one_sgd_step_per_chain_step():
     three.start_epoch(1)
     three.train_step(make_batch(SPEC3))
     assert len(steps) == 3
+
+
+def test_edm_chain_with_a_missing_first_modality_by_hand():
+    """Found by mutation testing (not one of the audit's seven). Order b, a; sample 0 lacks b. Step b:
+    samples 1–5 get ``cell(h_b, 0, H_0, C_0)``, sample 0 keeps ``(H_0, C_0)`` (a nonzero inherited
+    state). Step a: ``a = S' H`` with sample 0's previous projection zero (so nobody aligns to it) and
+    sample 0's own row set to 0 (its first step); the others align."""
+    model = build("edm", SPEC2, tau=TAU, initial_order="b,a")
+    model.eval()
+    width = model.memory_h.numel()
+    with torch.no_grad():
+        model.memory_h.copy_(torch.linspace(-0.9, 0.9, width))
+        model.memory_c.copy_(torch.linspace(1.5, -1.5, width))
+    b = make_batch(SPEC2)
+    b.present["b"][0] = False
+    b.x["b"][0] = 0
+    n, keep = len(b), b.present["b"].unsqueeze(1)
+    with torch.no_grad():
+        h0, c0 = model.memory_h.expand(n, -1), model.memory_c.expand(n, -1)
+        h_b = projection(model, "b", b.x["b"]) * keep
+        h1, c1 = cell(model, h_b, torch.zeros(n, width), h0, c0)
+        h1, c1 = torch.where(keep, h1, h0), torch.where(keep, c1, c0)
+        h_a = projection(model, "a", b.x["a"])
+        a2 = aligned(h_a, h_b, h1) * keep
+        assert a2[1:].abs().min() > 0
+        h2, _ = cell(model, h_a, a2, h1, c1)
+        torch.testing.assert_close(model.logits(b), h2 @ model.cls.weight.T + model.cls.bias)
+
+
+def test_edm_without_memory_adds_the_aligned_state():
+    """Found by mutation testing: ``--no-memory`` replaces the cell by ``H_k = h_k + a_k``; with two
+    modalities ``H_1 = h_a``, ``H_2 = h_b + S' h_a`` and the logits ``cls(H_2)``."""
+    model = build("edm", SPEC2, tau=TAU, memory=False)
+    model.eval()
+    b = make_batch(SPEC2)
+    with torch.no_grad():
+        h_a, h_b = projection(model, "a", b.x["a"]), projection(model, "b", b.x["b"])
+        h2 = h_b + aligned(h_b, h_a, h_a)
+        torch.testing.assert_close(model.logits(b), h2 @ model.cls.weight.T + model.cls.bias)
 
 
 def test_ccat_stage1_loss_is_ce_plus_lambda_reg():
