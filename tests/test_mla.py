@@ -237,6 +237,14 @@ def test_epoch_hooks_count_batches_and_average_the_gradient_statistics():
     assert model.batches_per_epoch == 3 and len(seen) == 2
     assert logged["mla_grad_ratio"] == pytest.approx(sum(r for r, _ in seen) / 2, rel=1e-5)
     assert logged["mla_grad_cos"] == pytest.approx(sum(c for _, c in seen) / 2, rel=1e-5)
+    # An epoch of one modified step (nobody has a): the mean is that step's value.
+    seen.clear()
+    model.start_epoch(3)
+    only_v = random_batch(seed=8)
+    only_v.present["a"][:] = False
+    model.train_step(only_v)
+    logged = model.end_epoch(None)
+    assert len(seen) == 1 and logged["mla_grad_ratio"] == pytest.approx(seen[0][0], rel=1e-5)
 
 
 def test_train_step_returns_the_mean_of_its_modality_losses():
