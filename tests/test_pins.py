@@ -291,3 +291,35 @@ def test_subset_values_use_only_their_modalities():
     assert report.phi == pytest.approx({"a": -25.0, "v": 50.0})
     assert report.delta == pytest.approx({"a": 37.5, "v": -37.5})
     assert report.edm == pytest.approx(75.0) and report.acc == pytest.approx(100.0)
+    assert torch.equal(report.pred, y) and report.f1 == pytest.approx(100.0)  # every full prediction right
+
+
+def test_report_rows_and_evaluation_without_subsets():
+    """Found by mutation testing. The same hand-set concat head as above: ``Report.row`` and
+    ``to_json`` carry its numbers under their names; ``subsets=False`` scores only ∅ and the full set
+    and leaves φ, δ, the unimodal accuracies and EDM as NaN. Predictions 0, 1, 1, 1 against labels
+    1, 1, 1, 1 (a relabelled split): accuracy 75; macro-F1 over classes 0 (F1 0) and 1 (F1 6/7) 300/7."""
+    spec = DataSpec(["a", "v"], {"a": 2, "v": 2}, {"a": 1, "v": 1}, 2, ["n", "y"], 1)
+    model = build("concat", spec, hidden=2)
+    with torch.no_grad():
+        for m in "av":
+            model.proj[m].linear.weight.copy_(torch.eye(2))
+            model.proj[m].linear.bias.zero_()
+        model.cls.weight.copy_(torch.tensor([[1.0, 0.0, 10.0, 0.0], [0.0, 0.0, 0.0, 10.0]]))
+        model.cls.bias.zero_()
+    y = torch.tensor([0, 1, 1, 1])
+    x = {"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1), "v": F.one_hot(y, 2).float()}
+    split = split_of(x, torch.ones(4, dtype=torch.long))
+    full = evaluate(model, split, spec, batch_size=len(split))
+    assert full.row("val_") == pytest.approx({
+        "val_acc": 75.0, "val_f1": 300 / 7, "val_edm": full.edm, "val_acc_a": 0.0, "val_phi_a": full.phi["a"],
+        "val_delta_a": full.delta["a"], "val_acc_v": 75.0, "val_phi_v": full.phi["v"], "val_delta_v": full.delta["v"]})
+    assert full.to_json()["v"] == pytest.approx({"∅": 100.0, "a": 0.0, "v": 75.0, "a+v": 75.0})
+    assert full.to_json()["acc"] == 75.0
+    only = evaluate(model, split, spec, batch_size=len(split), subsets=False)
+    assert only.v == pytest.approx({frozenset(): 100.0, frozenset("av"): 75.0})
+    assert torch.equal(only.pred, y) and only.acc == 75.0 and only.f1 == pytest.approx(300 / 7)
+    nan = float("nan")
+    assert only.phi == pytest.approx({"a": nan, "v": nan}, nan_ok=True)
+    assert only.delta == pytest.approx({"a": nan, "v": nan}, nan_ok=True)
+    assert only.unimodal == pytest.approx({"a": nan, "v": nan}, nan_ok=True) and only.edm != only.edm
