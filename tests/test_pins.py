@@ -12,7 +12,8 @@ under test a second time. The audit's mutations (a)–(g) and the test that kill
 (f) v(∅) = 0 instead of the majority-class accuracy   test_v_empty_is_the_training_majority_class_accuracy
 (g) subsets scored with every modality present        test_subset_values_use_only_their_modalities
 
-The tests call only the stable public pieces (``build_model``, ``train_step``, ``logits``,
+The tests whose docstring says "found by mutation testing" pin what the mutmut trial run showed
+unguarded (tests/MUTANTS.md). The tests call only the stable public pieces (``build_model``, ``train_step``, ``logits``,
 ``evaluate``, ``Batch``, ``SplitTensors``, ``DataSpec``) with explicit optimizer settings, and
 evaluate with one batch holding the whole split, so that no result depends on evaluation batch order.
 """
