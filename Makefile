@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (plain `torch` would pull the multi-GB CUDA build); with a GPU, pip picks the normal CUDA build.
 TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c .ci/constraints-cpu.txt)
 
-.PHONY: demo test env clean
+.PHONY: demo test test-fast mutate env clean
 
 $(STAMP): pyproject.toml .ci/constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The fast head tests only (under a minute): what mutation testing runs for every mutant.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m heads_fast
+
+# Mutation testing of heads/methods, heads/metrics.py and heads/core.py's evaluation against the
+# fast tests ([tool.mutmut] in pyproject.toml). One worker by default (MUTATE_JOBS=n for more);
+# survivors: `$(BIN)/mutmut results`, `$(BIN)/mutmut show NAME`; see tests/MUTANTS.md.
+MUTATE_JOBS ?= 1
+MUTANTS ?= 'heads.methods.*' 'heads.metrics.*' 'heads.core.x_evaluate__*' 'heads.core.xǁReportǁ*'
+mutate: $(STAMP)
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 
 clean:
 	rm -rf $(VENV) runs data/builtin

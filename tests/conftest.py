@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The fast head tests (`pytest -m heads_fast`, what `make test-fast` and mutation testing run): every
+# test of these files except those that train on a synthetic cache (they take a cache fixture).
+HEADS_FAST_FILES = {"test_pins.py", "test_metrics.py", "test_edm.py", "test_mla.py", "test_ccat.py", "test_heads.py"}
+CACHE_FIXTURES = {"small_av", "small_avt"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in HEADS_FAST_FILES and not CACHE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heads_fast)
+
 
 @pytest.fixture(scope="session")
 def small_av(tmp_path_factory) -> Path:

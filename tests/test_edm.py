@@ -235,5 +235,51 @@ def test_evaluation_does_not_depend_on_row_order_and_reload_is_identical(small_a
 def test_invalid_options_are_refused():
     with pytest.raises(ValueError, match="--tau must lie"):
         edm(tau=1.5)
-    with pytest.raises(ValueError, match="--initial-order must name"):
+    with pytest.raises(ValueError, match="--initial-order must name each of a, b, c once"):
         edm(initial_order="a,b")
+    # The ranges are [0, 1): both ends checked.
+    edm(tau=0.0), edm(inherit_momentum=0.0)
+    for options in ({"tau": 1.0}, {"inherit_momentum": 1.0}):
+        with pytest.raises(ValueError, match="must lie in \\[0, 1\\)"):
+            edm(**options)
+
+
+def test_options_shape_the_model():
+    # Memory width: --memory-dim (default 64), 0 = the hidden width d (8 here), and d without the cell.
+    assert edm().memory_h.numel() == 64 and edm().cls.in_features == 64
+    assert edm(memory_dim=0).memory_h.numel() == 8 and edm(memory_dim=5).memory_h.numel() == 5
+    assert edm(memory=False, memory_dim=5).memory_h.numel() == 8 and edm(memory=False).cell is None
+    assert edm(gate="learnable").align.gate is not None and edm().align.gate is None
+    assert edm(tau=0.3).align.tau == 0.3
+
+
+def test_each_chain_step_loss_averages_the_samples_that_have_the_modality():
+    """Step k's loss is the CE over the samples that have modality k (the others pass their state
+    through and add nothing), the logged loss the mean over the M steps, and a modality nobody in the
+    batch has takes no step while the chain goes on. Without memory and alignment ``H_k = h_k``, and
+    with lr = 0 the parameters stay put, so each step's loss is ``CE(cls(P_k(x_k)))`` over its rows."""
+    model = edm(memory=False, align=False)
+    model.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    steps, plain = [], model.optimizer.step
+    model.optimizer.step = lambda *a, **k: (steps.append(1), plain(*a, **k))[1]
+    model.start_epoch(1)
+    b = batch(n=6)
+    for m, absent in {"a": [0], "b": [1, 2], "c": [5]}.items():
+        b.present[m][absent] = False
+        b.x[m][absent] = 0
+
+    def ce(m):
+        rows = b.present[m]
+        return torch.nn.functional.cross_entropy(model.cls(torch.relu(model.proj[m].linear(b.x[m][rows]))), b.y[rows])
+
+    with torch.no_grad():
+        expect = (ce("a") + ce("b") + ce("c")) / 3
+    torch.testing.assert_close(model.train_step(b), expect)
+    assert len(steps) == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # absent rows give no NaN gradient
+    # Nobody has a (first in the order): b and c still take their steps.
+    b.present["a"][:] = False
+    b.x["a"][:] = 0
+    steps.clear()
+    model.train_step(b)
+    assert len(steps) == 2

@@ -64,3 +64,26 @@ def test_all_subsets_counts():
     assert len(subsets) == 16 and subsets[0] == F() and subsets[-1] == F("abcd")
     assert len(set(subsets)) == 16 and all(isinstance(s, frozenset) for s in subsets)
     assert math.comb(4, 2) == sum(len(s) == 2 for s in subsets)
+
+
+def test_sampled_shapley_of_an_interacting_game_by_hand():
+    # Redundancy and synergy (exact φ: a = b = 115/3, c = 40/3, see above): the marginal gains depend on
+    # the prefix, so the estimate is right only if each permutation's prefix grows. Seeded: the same
+    # seed (0 by default) gives the same estimate, another seed another one.
+    v = {F(): 0, F("a"): 50, F("b"): 50, F("c"): 0, F("ab"): 50, F("ac"): 50, F("bc"): 50, F("abc"): 90}
+    est = metrics.shapley_sampled(lambda s: v[s], ["a", "b", "c"], permutations=3000, seed=2)
+    assert est == pytest.approx({"a": 115 / 3, "b": 115 / 3, "c": 40 / 3}, abs=1.5)
+    few = metrics.shapley_sampled(lambda s: v[s], ["a", "b", "c"], permutations=50)
+    assert few == metrics.shapley_sampled(lambda s: v[s], ["a", "b", "c"], permutations=50, seed=0)
+    assert few != metrics.shapley_sampled(lambda s: v[s], ["a", "b", "c"], permutations=50, seed=1)
+
+
+def test_accuracy_and_macro_f1_edge_cases_by_hand():
+    empty = torch.zeros(0, dtype=torch.long)
+    assert metrics.accuracy(empty, empty) == 0.0 and metrics.macro_f1(empty, empty, 3) == 0.0
+    assert metrics.accuracy(torch.tensor([2]), torch.tensor([2])) == 100.0  # one sample is not "empty"
+    # Classes 0 and 1 swapped (tp 0, fp 1, fn 1 each: F1 0, they count), class 2 right (F1 1): 100/3.
+    assert metrics.macro_f1(torch.tensor([1, 0, 2]), torch.tensor([0, 1, 2]), 3) == pytest.approx(100 / 3)
+    # Class 1 absent from both is skipped, and the classes after it still count:
+    # class 0 tp 2 fp 1 fn 0 → 0.8, class 2 tp 0 fp 0 fn 1 → 0: 40.
+    assert metrics.macro_f1(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]), 3) == pytest.approx(40.0)

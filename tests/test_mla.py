@@ -194,3 +194,88 @@ def test_mla_learns_and_is_deterministic(small_av):
     assert {"mla_grad_ratio", "mla_grad_cos"} <= set(a.epochs[-1])
     c = fit(data, dataclasses.replace(cfg, seed=4), progress=False)
     assert c.epochs != a.epochs
+
+
+def test_a_sample_without_any_modality_gets_zero_weights_not_nan():
+    # Sample 0 has only a (weight 1); sample 1 has nothing: all weights 0, not the NaN of a softmax over −inf.
+    logits = {"a": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "v": torch.tensor([[0.0, 0.0], [1.0, 1.0]])}
+    present = {"a": torch.tensor([True, False]), "v": torch.tensor([False, False])}
+    assert torch.equal(entropy_weights(logits, present), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_epoch_hooks_count_batches_and_average_the_gradient_statistics():
+    """``end_epoch``: n_b (the code α schedule's batches per epoch) is counted in epoch 1 only, and
+    ``mla_grad_ratio`` / ``mla_grad_cos`` are the means of ‖G′‖/‖G‖ and cos(G′, G) over the epoch's
+    modified steps (recomputed here from the gradient before and after); ``start_epoch`` resets both."""
+    model = mla(alpha_schedule="code")
+    seen, modify = [], model.modify_head_gradient
+
+    def record():
+        before = model.head.weight.grad.clone()
+        modify()
+        after = model.head.weight.grad
+        if int(model.steps) > 0:  # the very first step is left as it is
+            seen.append((float(after.norm() / before.norm()), float(torch.dot(after.flatten(), before.flatten())
+                                                                       / (after.norm() * before.norm()))))
+
+    model.modify_head_gradient = record
+    model.start_epoch(1)
+    for seed in range(3):
+        model.train_step(random_batch(seed=seed))
+    assert model.current_alpha() == 0.1  # epoch 1: n_b not known yet, α stays at its base value
+    logged = model.end_epoch(None)
+    assert model.batches_per_epoch == 3 and len(seen) == 5  # 3 batches × 2 modalities, the first unmodified
+    assert logged["mla_grad_ratio"] == pytest.approx(sum(r for r, _ in seen) / 5, rel=1e-5)
+    assert logged["mla_grad_cos"] == pytest.approx(sum(c for _, c in seen) / 5, rel=1e-5)
+    assert 0 < logged["mla_grad_ratio"] < 1 and 0 < logged["mla_grad_cos"] < 1
+    seen.clear()
+    model.start_epoch(2)
+    assert model.current_alpha() == 0.1  # batch 0 of the epoch: 0.1 · 0.1^(0/3)
+    model.train_step(random_batch(seed=7))
+    assert model.current_alpha() == pytest.approx(0.1 * 0.1 ** (1 / 3))
+    logged = model.end_epoch(None)
+    assert model.batches_per_epoch == 3 and len(seen) == 2
+    assert logged["mla_grad_ratio"] == pytest.approx(sum(r for r, _ in seen) / 2, rel=1e-5)
+    assert logged["mla_grad_cos"] == pytest.approx(sum(c for _, c in seen) / 2, rel=1e-5)
+    # An epoch of one modified step (nobody has a): the mean is that step's value.
+    seen.clear()
+    model.start_epoch(3)
+    only_v = random_batch(seed=8)
+    only_v.present["a"][:] = False
+    model.train_step(only_v)
+    logged = model.end_epoch(None)
+    assert len(seen) == 1 and logged["mla_grad_ratio"] == pytest.approx(seen[0][0], rel=1e-5)
+
+
+def test_train_step_returns_the_mean_of_its_modality_losses():
+    # Iteration 0 (a) at the initial head, iteration 1 (v) at the head left by iteration 0: the logged
+    # loss is the mean of the two cross-entropies, one per optimizer step.
+    batch = random_batch()
+    model = mla()
+    with torch.no_grad():
+        ce_a = torch.nn.functional.cross_entropy(model.head(torch.relu(model.proj["a"].linear(batch.x["a"]))), batch.y)
+        h_v = torch.relu(model.proj["v"].linear(batch.x["v"]))
+    heads = record_head_after_each_step(model)
+    loss = model.train_step(batch)
+    w0, b0 = heads[0]
+    ce_v = torch.nn.functional.cross_entropy(h_v @ w0.T + b0, batch.y)
+    torch.testing.assert_close(loss, (ce_a + ce_v) / 2)
+
+
+def test_a_modality_absent_from_the_whole_batch_gets_no_iteration():
+    # Nobody has a: one step (v's) at the initial head, and the logged loss is that step's loss alone.
+    batch = random_batch()
+    batch.present["a"][:] = False
+    batch.x["a"][:] = 0
+    model = mla()
+    with torch.no_grad():
+        ce_v = torch.nn.functional.cross_entropy(model.head(torch.relu(model.proj["v"].linear(batch.x["v"]))), batch.y)
+    heads = record_head_after_each_step(model)
+    torch.testing.assert_close(model.train_step(batch), ce_v)
+    assert len(heads) == 1 and int(model.steps) == 1
+
+
+def test_constant_alpha_ignores_the_position_in_the_epoch():
+    model = mla(alpha=0.3)  # the paper's default schedule: α fixed, even once n_b is known
+    model.batches_per_epoch, model._batch_index = 4, 2
+    assert model.current_alpha() == 0.3
