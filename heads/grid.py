@@ -385,6 +385,7 @@ def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:
     The split is the one ``--missing-test`` draws (the core builds it, so the masks are identical to
     those of a run trained with that option).
     """
+    cfg = resolve_training(cfg)
     masked = Trainer(data, replace(cfg, missing_test=rate), model=model).test
     report = evaluate(model, masked, data.spec, cfg.eval_batch_size or cfg.batch_size)
     return {**report.to_json(), **_realised(data.test, masked)}

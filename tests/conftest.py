@@ -12,14 +12,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The fast head tests (`pytest -m heads_fast`, what `make test-fast` and mutation testing run): every
-# test of these files except those that train on a synthetic cache (they take a cache fixture).
-HEADS_FAST_FILES = {"test_pins.py", "test_metrics.py", "test_edm.py", "test_mla.py", "test_ccat.py", "test_heads.py"}
+# test of these files except those that train on a synthetic cache (they take a cache fixture, or
+# are marked `trains` when they load a built-in one).
+HEADS_FAST_FILES = {"test_pins.py", "test_metrics.py", "test_edm.py", "test_mla.py", "test_ccat.py", "test_heads.py",
+                    "test_numbers.py"}
 CACHE_FIXTURES = {"small_av", "small_avt"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in HEADS_FAST_FILES and not CACHE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        slow = CACHE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("trains")
+        if item.path.name in HEADS_FAST_FILES and not slow:
             item.add_marker(pytest.mark.heads_fast)
 
 

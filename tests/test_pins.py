@@ -19,6 +19,8 @@ evaluate with one batch holding the whole split, so that no result depends on ev
 """
 import copy
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -312,8 +314,10 @@ def test_report_rows_and_evaluation_without_subsets():
     x = {"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1), "v": F.one_hot(y, 2).float()}
     split = split_of(x, torch.ones(4, dtype=torch.long))
     full = evaluate(model, split, spec, batch_size=len(split))
+    # Cross-entropy against label 1: logits (11, 0) for the first sample, (1, 10) for the other three.
+    loss = (math.log(1 + math.exp(11)) + 3 * math.log(1 + math.exp(-9))) / 4
     assert full.row("val_") == pytest.approx({
-        "val_acc": 75.0, "val_f1": 300 / 7, "val_edm": full.edm, "val_acc_a": 0.0, "val_phi_a": full.phi["a"],
+        "val_acc": 75.0, "val_f1": 300 / 7, "val_loss": loss, "val_edm": full.edm, "val_acc_a": 0.0, "val_phi_a": full.phi["a"],
         "val_delta_a": full.delta["a"], "val_acc_v": 75.0, "val_phi_v": full.phi["v"], "val_delta_v": full.delta["v"]})
     assert full.to_json()["v"] == pytest.approx({"∅": 100.0, "a": 0.0, "v": 75.0, "a+v": 75.0})
     assert full.to_json()["acc"] == 75.0
