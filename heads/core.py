@@ -217,7 +217,7 @@ def evaluation_order(split: SplitTensors) -> torch.Tensor:
         x = split.x[m].double()
         direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
         key += (x * direction).sum(1)  # elementwise then a row sum: the same bits whatever the row's position
-    order = torch.argsort(key.float(), stable=True)
+    order = torch.argsort(key, stable=True)
     split.__dict__["_eval_order"] = order
     return order
 

@@ -154,6 +154,8 @@ def test_secondary_update_touches_exactly_the_samples_below_beta():
     model.start_epoch(1)
     batch = random_batch()
     c = contributions_by_hand(model, batch)
+    torch.testing.assert_close(model.decision_contributions(batch), torch.stack([c[m] for m in SPEC.modalities]).float(),
+                               atol=1e-5, rtol=1e-4)
     ranked = c["a"].sort().values  # β halfway between two samples: no c sits on the boundary (float32 vs 64)
     beta = float(ranked[7] + ranked[8]) / 2  # half the samples fall below β for a (c_v = 1 − c_a for M = 2)
     model.opts = dataclasses.replace(model.opts, beta=beta)

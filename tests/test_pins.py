@@ -270,13 +270,8 @@ def test_v_empty_is_the_training_majority_class_accuracy(majority, expected):
         assert report.delta[m] == pytest.approx((full - expected) / 2 - report.phi[m], abs=1e-4)
 
 
-def test_subset_values_use_only_their_modalities():
-    """(g) ``v(S)`` treats the modalities outside S as missing. A concat head set by hand: P = ReLU
-    (identity weights), classifier ``[[1, 0 | 10, 0], [0, 0 | 0, 10]]``, x_a = (1, 0) for everyone
-    (it pushes class 0), x_v = one-hot(y). Labels 0, 1, 1, 1 (training majority 1):
-    v(∅) = 75, v({a}) = 25 (always class 0), v({v}) = 100, v({a, v}) = 100 (10 beats 1);
-    φ_a = ½(25 − 75) + ½(100 − 100) = −25, φ_v = ½(100 − 75) + ½(100 − 25) = 50; φ* = 12.5,
-    δ_a = 37.5, δ_v = −37.5, EDM = 75. Scoring {a} with v present would give 100."""
+def hand_set_concat():
+    """The concat head of the two tests below: P = ReLU(identity), classifier [[1, 0 | 10, 0], [0, 0 | 0, 10]]."""
     spec = DataSpec(["a", "v"], {"a": 2, "v": 2}, {"a": 1, "v": 1}, 2, ["n", "y"], 1)
     model = build("concat", spec, hidden=2)
     with torch.no_grad():
@@ -285,6 +280,17 @@ def test_subset_values_use_only_their_modalities():
             model.proj[m].linear.bias.zero_()
         model.cls.weight.copy_(torch.tensor([[1.0, 0.0, 10.0, 0.0], [0.0, 0.0, 0.0, 10.0]]))
         model.cls.bias.zero_()
+    return spec, model
+
+
+def test_subset_values_use_only_their_modalities():
+    """(g) ``v(S)`` treats the modalities outside S as missing. A concat head set by hand: P = ReLU
+    (identity weights), classifier ``[[1, 0 | 10, 0], [0, 0 | 0, 10]]``, x_a = (1, 0) for everyone
+    (it pushes class 0), x_v = one-hot(y). Labels 0, 1, 1, 1 (training majority 1):
+    v(∅) = 75, v({a}) = 25 (always class 0), v({v}) = 100, v({a, v}) = 100 (10 beats 1);
+    φ_a = ½(25 − 75) + ½(100 − 100) = −25, φ_v = ½(100 − 75) + ½(100 − 25) = 50; φ* = 12.5,
+    δ_a = 37.5, δ_v = −37.5, EDM = 75. Scoring {a} with v present would give 100."""
+    spec, model = hand_set_concat()
     y = torch.tensor([0, 1, 1, 1])
     split = split_of({"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1), "v": F.one_hot(y, 2).float()}, y)
     report = evaluate(model, split, spec, batch_size=len(split))
@@ -302,14 +308,7 @@ def test_report_rows_and_evaluation_without_subsets():
     ``to_json`` carry its numbers under their names; ``subsets=False`` scores only ∅ and the full set
     and leaves φ, δ, the unimodal accuracies and EDM as NaN. Predictions 0, 1, 1, 1 against labels
     1, 1, 1, 1 (a relabelled split): accuracy 75; macro-F1 over classes 0 (F1 0) and 1 (F1 6/7) 300/7."""
-    spec = DataSpec(["a", "v"], {"a": 2, "v": 2}, {"a": 1, "v": 1}, 2, ["n", "y"], 1)
-    model = build("concat", spec, hidden=2)
-    with torch.no_grad():
-        for m in "av":
-            model.proj[m].linear.weight.copy_(torch.eye(2))
-            model.proj[m].linear.bias.zero_()
-        model.cls.weight.copy_(torch.tensor([[1.0, 0.0, 10.0, 0.0], [0.0, 0.0, 0.0, 10.0]]))
-        model.cls.bias.zero_()
+    spec, model = hand_set_concat()
     y = torch.tensor([0, 1, 1, 1])
     x = {"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1), "v": F.one_hot(y, 2).float()}
     split = split_of(x, torch.ones(4, dtype=torch.long))
@@ -328,3 +327,228 @@ def test_report_rows_and_evaluation_without_subsets():
     assert only.phi == pytest.approx({"a": nan, "v": nan}, nan_ok=True)
     assert only.delta == pytest.approx({"a": nan, "v": nan}, nan_ok=True)
     assert only.unimodal == pytest.approx({"a": nan, "v": nan}, nan_ok=True) and only.edm != only.edm
+
+
+# --- found by the full mutation run (tests/MUTANTS.md) ---------------------------------------------
+def test_evaluation_order_is_the_seeded_projection_of_every_modality_and_is_kept():
+    """``evaluation_order``: samples sorted by Σ_m x_m · r_m, one float64 N(0, 1) direction r_m per
+    modality drawn in sorted-name order from a generator seeded with EVAL_ORDER_SEED; computed once
+    per split (the same tensor object on the next call)."""
+    from heads.core import EVAL_ORDER_SEED, evaluation_order
+
+    g = torch.Generator().manual_seed(3)
+    x = {"v": torch.randn(200, 3, generator=g), "a": torch.randn(200, 5, generator=g)}
+    split = split_of(x, torch.zeros(200, dtype=torch.long))
+    gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
+    key = torch.zeros(200, dtype=torch.float64)
+    for m in ("a", "v"):
+        r = torch.randn(x[m].shape[1], generator=gen, dtype=torch.float64)
+        key = key + (x[m].double() * r).sum(1)
+    order = evaluation_order(split)
+    assert torch.equal(order, torch.argsort(key, stable=True))
+    assert evaluation_order(split) is order
+
+
+def test_predict_loss_is_the_mean_cross_entropy_over_all_batches():
+    """``predict(with_loss=True)`` sums the per-sample cross-entropy over every batch and divides by N
+    (also for N = 1). The hand-set concat head gives logits (11, 0) for a sample with v = (1, 0) and
+    (1, 10) for v = (0, 1)."""
+    from heads.core import predict
+
+    spec, model = hand_set_concat()
+    y = torch.tensor([0, 1, 1, 1])
+    split = split_of({"a": torch.tensor([[1.0, 0.0]]).repeat(4, 1), "v": F.one_hot(y, 2).float()}, y)
+    ce = [math.log(1 + math.exp(-11)), *[math.log(1 + math.exp(-9))] * 3]
+    preds, loss = predict(model, split, ["a", "v"], batch_size=3, with_loss=True)  # batches of 3 and 1
+    assert torch.equal(preds, y) and loss == pytest.approx(sum(ce) / 4, rel=1e-3)  # float32 logits
+    one = split_of({"a": torch.tensor([[1.0, 0.0]]), "v": torch.tensor([[1.0, 0.0]])}, torch.tensor([0]))
+    assert predict(model, one, ["a", "v"], batch_size=1, with_loss=True)[1] == pytest.approx(ce[0], rel=1e-3)
+
+
+def test_ogm_coefficients_skip_a_modality_absent_from_the_batch_and_compare_to_the_others_mean():
+    """Three modalities, a absent from the whole batch: k_a = 1 (no score), and b, c each compare their
+    mean true-class confidence with the mean of the *present* others only (ρ_b = s_b / s_c). With all
+    three present, ρ_m = s_m / mean of the other two, for every m."""
+    from heads.methods.ogm_ge import coefficient
+
+    spec = DataSpec(["a", "b", "c"], {"a": 6, "b": 4, "c": 5}, dict.fromkeys("abc", 1), 3, ["x", "y", "z"], 0)
+    model = build("ogm-ge", spec, hidden=8)
+    with torch.no_grad():
+        model.cls.weight[:, 8:16] *= 6  # make b dominant
+    batch = make_batch(spec, n=12)
+    batch.present["a"][:] = False
+    batch.x["a"].zero_()
+    s = model.scores(batch)
+    coeff = model.coefficients(batch)
+    assert coeff["a"] == 1.0 and math.isnan(s["a"])
+    assert coeff["b"] == pytest.approx(coefficient(s["b"] / s["c"], 0.8)) and coeff["b"] < 1
+    assert coeff["c"] == pytest.approx(coefficient(s["c"] / s["b"], 0.8))
+    full = make_batch(spec, n=12)
+    s3, k3 = model.scores(full), model.coefficients(full)
+    for m in "abc":
+        others = [s3[o] for o in "abc" if o != m]
+        assert k3[m] == pytest.approx(coefficient(s3[m] / (sum(others) / 2), 0.8))
+    assert min(k3.values()) < 1
+
+
+def test_late_loss_sums_each_modalitys_mean_over_its_present_samples():
+    """``late``: Σ_m mean over the samples that have m of CE(head_m(P_m(x_m)), y)."""
+    model = build("late", SPEC2)
+    batch = make_batch(SPEC2, n=6)
+    batch.present["b"][1:] = False  # b on one sample only: its mean is over that one sample
+    batch.x["b"][1:] = 0
+    want = 0.0
+    for m in ("a", "b"):
+        rows = batch.present[m]
+        logits = model.cls[m](torch.relu(model.proj[m].linear(batch.x[m][rows])))
+        want += float(F.cross_entropy(logits, batch.y[rows]).detach())
+    assert float(model.loss(batch)) == pytest.approx(want, rel=1e-6)
+
+
+def test_ccat_logs_the_stage_1_regulariser_and_the_stage_2_secondary_shares():
+    """``end_epoch``: stage 1 logs the mean L_reg over the epoch's batches; stage 2 the share of the
+    epoch's samples that got the secondary update, per modality."""
+    model = build("ccat", SPEC2, pretrain_epochs=1, beta=0.99)
+    model.optimizer = model.configure_optimizer()
+    model.start_epoch(1)
+    regs = []
+    for seed in (0, 1):
+        batch = make_batch(SPEC2, n=6, seed=seed)
+        regs.append(float(model.pretrain_loss(batch)[1]))
+        model.train_step(batch)
+    logged = model.end_epoch(None)
+    assert logged["ccat_stage"] == 1 and logged["ccat_reg"] == pytest.approx(sum(regs) / 2, rel=1e-4)
+    single = build("ccat", SPEC2, pretrain_epochs=1)
+    single.optimizer = single.configure_optimizer()
+    single.start_epoch(1)
+    batch = make_batch(SPEC2, n=6, seed=5)
+    reg = float(single.pretrain_loss(batch)[1])
+    single.train_step(batch)
+    assert single.end_epoch(None)["ccat_reg"] == pytest.approx(reg, rel=1e-4)  # one batch: divided by 1
+    model.start_epoch(2)
+    for seed in (2, 3):
+        model.train_step(make_batch(SPEC2, n=6, seed=seed))
+    logged = model.end_epoch(None)
+    assert logged["ccat_stage"] == 2 and "ccat_reg" not in logged
+    # β = 0.99: every present sample has c < β for both modalities of two (c's sum to 1, both > 0.01 here).
+    assert logged["ccat_secondary_a"] == pytest.approx(1.0) and logged["ccat_secondary_b"] == pytest.approx(1.0)
+
+
+def test_ccat_stages_switch_after_the_pretraining_epochs_with_the_right_parameters():
+    """Stage 1 (epochs 1…E_pre) optimises P_m, the cross-attention and Cls; stage 2 (from E_pre + 1)
+    only P_m and LoRA_m, with Cls frozen (``requires_grad`` off) unless ``--no-freeze``. E_pre = −1 means
+    round(0.3·E), at least 1; 0 starts in stage 2."""
+    def params(model):
+        return {id(p) for group in model.optimizer.param_groups for p in group["params"]}
+
+    model = build("ccat", SPEC2, pretrain_epochs=2)
+    model.optimizer = model.configure_optimizer()
+    stage1 = {id(p) for p in [*model.proj.parameters(), *model.fusion.parameters(), *model.cls.parameters()]}
+    assert model.stage == 1 and params(model) == stage1
+    assert all(p.requires_grad for p in [*model.cls.parameters(), *model.fusion.parameters()])
+    assert not any(p.requires_grad for p in model.lora.parameters())
+    for epoch in (1, 2):
+        model.start_epoch(epoch)
+        assert model.stage == 1 and params(model) == stage1
+    model.start_epoch(3)
+    stage2 = {id(p) for p in [*model.proj.parameters(), *model.lora.parameters()]}
+    assert model.stage == 2 and params(model) == stage2
+    assert not any(p.requires_grad for p in [*model.cls.parameters(), *model.fusion.parameters()])
+    assert all(p.requires_grad for p in model.proj.parameters())
+    assert model.optimizer.param_groups[0]["lr"] == model.cfg.lr
+    loose = build("ccat", SPEC2, pretrain_epochs=1, freeze=False)
+    loose.optimizer = loose.configure_optimizer()
+    loose.start_epoch(2)
+    assert params(loose) == {id(p) for p in [*loose.proj.parameters(), *loose.lora.parameters(), *loose.cls.parameters()]}
+    assert all(p.requires_grad for p in loose.cls.parameters())
+    direct = build("ccat", SPEC2, pretrain_epochs=0)
+    direct.optimizer = direct.configure_optimizer()
+    assert direct.stage == 2 and params(direct) == {id(p) for p in [*direct.proj.parameters(), *direct.lora.parameters()]}
+    for epochs, expected in ((10, 3), (1, 1), (2, 1), (5, 2)):
+        torch.manual_seed(0)
+        cfg = TrainConfig(method="ccat", hidden=8, epochs=epochs, optimizer="sgd", lr=0.1, weight_decay=0.0)
+        assert build_model(cfg, SPEC2).pretrain_epochs == expected
+    with pytest.raises(ValueError, match="at least two modalities"):
+        build("ccat", DataSpec(["a"], {"a": 6}, {"a": 1}, 3, ["x", "y", "z"], 0))
+
+
+def test_the_model_standardises_as_its_config_says():
+    """The standardiser a method builds follows ``cfg.standardize`` (default: per feature)."""
+    assert build("concat", SPEC2).standardizer.mode == "feature"
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="concat", hidden=8, optimizer="sgd", lr=0.1, weight_decay=0.0, standardize="modality")
+    assert build_model(cfg, SPEC2).standardizer.mode == "modality"
+
+
+def test_decision_level_fusion_averages_present_probabilities_and_is_uniform_without_any():
+    """``mean_probability_logits``: log of the mean class probability over a sample's present
+    modalities; a sample with none gets log(1/C) for every class."""
+    from heads.methods.base import mean_probability_logits
+
+    logits = {"a": torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 5.0], [0.0, 0.0, 0.0]]),
+              "b": torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])}
+    present = {"a": torch.tensor([True, True, False, True]), "b": torch.tensor([True, False, False, False])}  # B ≠ C
+    out = mean_probability_logits(logits, present)
+    torch.testing.assert_close(out[0], ((logits["a"][0].softmax(-1) + logits["b"][0].softmax(-1)) / 2).log())
+    torch.testing.assert_close(out[1], logits["a"][1].log_softmax(-1))
+    torch.testing.assert_close(out[2], torch.full((3,), math.log(1 / 3)))
+
+
+def test_ogm_shifted_coefficient_form_reaches_the_model():
+    """``--coeff-form shifted`` changes the coefficient the method uses (1 − tanh(α·(ρ − 1)))."""
+    from heads.methods.ogm_ge import coefficient
+
+    model = build("ogm-ge", SPEC2, coeff_form="shifted")
+    with torch.no_grad():
+        model.cls.weight[:, :8] *= 6
+    batch = make_batch(SPEC2, n=12)
+    s = model.scores(batch)
+    k = model.coefficients(batch)
+    strong, weak = ("a", "b") if s["a"] > s["b"] else ("b", "a")
+    assert k[strong] == pytest.approx(coefficient(s[strong] / s[weak], 0.8, "shifted")) and k[weak] == 1.0
+
+
+def test_mla_leaves_a_modality_absent_from_the_batch_exactly_as_it_was():
+    """A modality nobody in the batch has takes no step: its projection does not move, even under SGD
+    with momentum (the gradients are reset to None, not to zero, so momentum cannot carry it)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="mla", hidden=8, optimizer="sgd", lr=0.1, weight_decay=0.0)
+    model = build_model(cfg, SPEC2)
+    model.optimizer = model.configure_optimizer()  # SGD with momentum 0.9
+    model.start_epoch(1)
+    model.train_step(make_batch(SPEC2, n=6, seed=0))  # both modalities: momentum buffers exist
+    batch = make_batch(SPEC2, n=6, seed=1)
+    batch.present["b"][:] = False
+    batch.x["b"].zero_()
+    before = model.proj["b"].linear.weight.detach().clone()
+    model.train_step(batch)
+    assert torch.equal(model.proj["b"].linear.weight, before)
+
+
+def test_ccat_contributions_edge_cases():
+    """Cosines along each vector (not across the batch); a modality absent from the whole batch gets
+    c = 0 and the other c = 1; a sample with no modality gets c = 0 everywhere, never NaN; a stage-1
+    batch where no sample has two modalities has loss 0 (and a finite gradient)."""
+    from heads.methods.ccat import contributions
+
+    fused = torch.tensor([[1.0, 2.0], [3.0, 1.0], [0.5, -1.0]])
+    parts = {"a": torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]]), "v": torch.tensor([[0.0, 1.0], [1.0, 3.0], [1.0, 1.0]])}
+    every = {m: torch.ones(3, dtype=torch.bool) for m in parts}
+    unit = lambda t: t / t.norm(dim=1, keepdim=True)
+    mi = {m: math.log(3) + (unit(fused) @ unit(z).T).log_softmax(1).diagonal() for m, z in parts.items()}
+    torch.testing.assert_close(contributions(fused, parts, every)[0], torch.sigmoid(mi["a"] - mi["v"]))
+    gone = {"a": torch.ones(3, dtype=torch.bool), "v": torch.zeros(3, dtype=torch.bool)}
+    torch.testing.assert_close(contributions(fused, parts, gone), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    gone = {"a": torch.zeros(3, dtype=torch.bool), "v": torch.ones(3, dtype=torch.bool)}
+    torch.testing.assert_close(contributions(fused, parts, gone), torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+    nobody = {"a": torch.tensor([True, True, False]), "v": torch.tensor([True, False, False])}
+    c = contributions(fused, parts, nobody)
+    assert not bool(c.isnan().any()) and torch.equal(c[:, 2], torch.zeros(2)) and torch.equal(c[:, 1], torch.tensor([1.0, 0.0]))
+    model = build("ccat", SPEC2, pretrain_epochs=1)
+    batch = make_batch(SPEC2, n=4)
+    batch.present["a"][:2] = False
+    batch.present["b"][2:] = False
+    loss, reg = model.pretrain_loss(batch)
+    assert float(loss) == 0.0 and float(reg) == 0.0
+    loss.backward()
+    assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters())
