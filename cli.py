@@ -7,7 +7,6 @@ This file only parses arguments and reports errors; the work lives in ``cache/``
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import sys
 import threading
@@ -351,7 +350,7 @@ def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-i
     for m, spec in info["modalities"].items():
         typer.echo(f"modality    {m:10s} [T={spec['tokens']}, D={spec['dim']}]  present {info['present_rate'][m]:.1%}")
     typer.echo(f"classes     {len(info['class_names'])}: {', '.join(info['class_names'][:12])}{' …' if len(info['class_names']) > 12 else ''}")
-    typer.echo(f"samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
+    typer.echo("samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
     typer.echo(f"split rule  {info.get('split_rule') or '-'}")
     typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
     if info["counts"].get("train"):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 ORDERS_WARN = 1.0  # warn when two modalities' typical magnitudes differ by 10× or more
 OUTLIER_WARN = 100.0  # warn when one feature's spread is 100× the median feature's
 

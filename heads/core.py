@@ -142,7 +142,7 @@ def resolve_training(cfg: TrainConfig) -> TrainConfig:
 
     Idempotent. A setting the user gave is kept; ``training_source`` then says which were given.
     """
-    from heads.training import FIELDS, make_optimizer, parse_schedule  # noqa: F401  (validation below)
+    from heads.training import FIELDS, parse_schedule
 
     defaults = method_class(cfg.method).training
     given = [name for name in FIELDS if getattr(cfg, name) is not None]
