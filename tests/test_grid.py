@@ -446,3 +446,26 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tiny, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_masks_are_drawn_uniformly_when_the_rate_allows():
+    """At a low rate the samples to mask are drawn uniformly among those that keep another modality, so
+    some samples lose two of three modalities (about 3·η²·N of them); the fallback that prefers the
+    fullest samples (used only when the uniform draw gets stuck) would empty none of them twice."""
+    masked = complete_split(3000, 3).with_missing(0.1, seed=0)
+    left = torch.stack(list(masked.present.values()), 1).sum(1)
+    assert 40 < int((left == 1).sum()) < 160
+
+
+def test_the_grid_report_names_the_tied_configs_and_the_rule():
+    import dataclasses as dc
+
+    from heads.report import grid_markdown
+
+    records = [record("0.1", 0, 80, 10, loss=0.9), record("0.3", 0, 80, 20, loss=0.7), record("0.5", 0, 70, 30)]
+    sel = grid.select(records)
+    info = {"method": "edm", "protocol": "joint", "seeds": [0], "prune": False, "selected": dc.asdict(sel)}
+    text = grid_markdown(info, grid.summarize(records))
+    assert "Tied on validation accuracy: `0.1`, `0.3`" in text and grid.TIE_RULE in text
+    untied = {**info, "selected": {**dc.asdict(sel), "tied": []}}
+    assert "Tied" not in grid_markdown(untied, grid.summarize(records))

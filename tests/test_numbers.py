@@ -229,3 +229,25 @@ def test_evaluation_order_is_label_blind_and_fixed():
     one = evaluation_order(split_of(x, present, torch.zeros(50, dtype=torch.long)))
     other = evaluation_order(split_of(x, present, torch.randint(0, 3, (50,), generator=g), ids=[str(i) for i in range(50)][::-1]))
     assert torch.equal(one, other) and not torch.equal(one, torch.arange(50))
+
+
+def test_prediction_applies_the_models_standardisation_to_raw_features():
+    """``predict`` z-scores each batch with the model's own statistics: the same weights with
+    statistics fitted on features shifted by 1000 and scaled by 50 predict exactly as before on the
+    shifted, scaled features (a model fed raw values would see inputs 1000× too large)."""
+    g = torch.Generator().manual_seed(0)
+    x = {"a": torch.randn(40, 3, generator=g), "v": torch.randn(40, 2, generator=g)}
+    present = {m: torch.ones(40, dtype=torch.bool) for m in x}
+    y = torch.randint(0, 3, (40,), generator=g)
+    plain = split_of(x, present, y)
+    moved = split_of({m: t * 50 + 1000 for m, t in x.items()}, present, y)
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(method="concat", hidden=8), SPEC)
+    model.standardizer.fit(plain)
+    want = predict(model, plain, SPEC.modalities, 16)
+    other = build_model(TrainConfig(method="concat", hidden=8), SPEC)
+    other.load_state_dict(model.state_dict())
+    other.standardizer.fit(moved)
+    assert torch.equal(predict(other, moved, SPEC.modalities, 16), want)
+    logits = model.logits(model.standardizer(plain.batch(slice(0, 40))))
+    assert torch.equal(want, logits.argmax(-1))
