@@ -98,24 +98,15 @@ def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weigh
                   missing_test, options=None, schedule=None, standardize="feature"):
     """A ``TrainConfig`` from the shared options; ``None`` leaves a setting to the method's paper default."""
     from heads.core import OptionError, TrainConfig
-    from heads.standardize import MODES
-    from heads.training import OPTIMIZERS, parse_schedule
+    from heads.grid import check_setting
 
     if epochs < 1 or (batch_size is not None and batch_size < 1) or hidden < 1:
         raise OptionError("--epochs, --batch-size and --hidden must be positive")
-    if optimizer is not None and optimizer not in OPTIMIZERS:
-        raise OptionError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    if lr is not None and not lr > 0:
-        raise OptionError(f"--lr must be positive, got {lr}")
-    if weight_decay is not None and weight_decay < 0:
-        raise OptionError(f"--weight-decay must be 0 or positive, got {weight_decay}")
-    if schedule is not None:
-        parse_schedule(schedule)
-    if standardize not in MODES:
-        raise OptionError(f"--standardize must be one of {', '.join(MODES)}, got {standardize!r}")
-    for name, rate in (("--missing-train", missing_train), ("--missing-test", missing_test)):
-        if not 0 <= rate < 1:
-            raise OptionError(f"{name} must lie in [0, 1), got {rate}")
+    given = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+             "standardize": standardize, "missing_train": missing_train, "missing_test": missing_test}
+    for name, value in given.items():
+        if value is not None:
+            check_setting(name, value)
     return TrainConfig(method=method, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                        optimizer=optimizer, hidden=hidden, weight_decay=weight_decay, schedule=schedule,
                        missing_train=missing_train, missing_test=missing_test, standardize=standardize,

@@ -105,7 +105,8 @@ def _expand_range(kind: type, text: str, name: str) -> list:
     return [_number(kind, str(start + i * step), name) for i in range(count)]
 
 
-def _check_core(name: str, value):
+def check_setting(name: str, value):
+    """One training setting (a ``TrainConfig`` field) checked; the CLI's options and grid axes share it."""
     if name in ("batch_size", "hidden") and value < 1:
         raise OptionError(f"{_flag(name)} must be positive, got {value}")
     if name == "eval_batch_size" and value < 0:
@@ -121,6 +122,8 @@ def _check_core(name: str, value):
         raise OptionError(f"--standardize must be one of {', '.join(STANDARDIZE_MODES)}, got {value!r}")
     if name == "lr" and not value > 0:
         raise OptionError(f"--lr must be positive, got {value}")
+    if name == "weight_decay" and value < 0:
+        raise OptionError(f"--weight-decay must be 0 or positive, got {value}")
     if name in ("missing_train", "missing_test") and not 0 <= value < 1:
         raise OptionError(f"{_flag(name)} must lie in [0, 1), got {value}")
     return value
@@ -145,7 +148,7 @@ def parse_values(method: str, name: str, text: str) -> list:
     values = []
     for value in raw:
         if name in CORE_AXES:
-            values.append(_check_core(name, value))
+            values.append(check_setting(name, value))
         else:
             value = resolve_options(method, {name: value})[name]
             values.append(float(f"{value:.12g}") if isinstance(value, float) else value)
