@@ -175,7 +175,8 @@ def batch(n=12, absent_v=()):
 def test_ogm_scores_count_present_samples_only():
     model, b = ogm(), batch(absent_v=range(6))
     d = 4
-    h = {m: torch.relu(model.proj[m].linear(b.x[m])) for m in "av"}
+    with torch.no_grad():
+        h = {m: torch.relu(model.proj[m].linear(b.x[m])) for m in "av"}
     conf = {m: (h[m] @ model.cls.weight[:, i * d:(i + 1) * d].T + model.cls.bias / 2).softmax(-1)[torch.arange(12), b.y]
             for i, m in enumerate("av")}
     scores = model.scores(b)
