@@ -5,7 +5,7 @@ index slices of those tensors, so an epoch has no DataLoader and no per-sample P
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,15 +16,34 @@ from cache import CacheError, FeatureSplit, load_meta, load_split
 @dataclass
 class Batch:
     """A batch as methods see it. ``x[m]`` is the token-mean-pooled feature ``[B, D_m]``; ``tokens[m]``
-    the full ``[B, T_m, D_m]``; ``present[m]`` says which samples have modality m (absent = zeros)."""
+    the full ``[B, T_m, D_m]``; ``present[m]`` says which samples have modality m (absent = zeros).
+
+    ``counts[m]`` is how many samples have m, known on the host: methods branch on ``has(m)`` and
+    ``full(m)`` instead of ``bool(present[m].any())``, which on a GPU would wait for the device in the
+    middle of the batch loop. Batches cut from a split carry it; a hand-built batch computes it once.
+    """
 
     x: dict[str, torch.Tensor]
     tokens: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
     y: torch.Tensor
+    counts: dict[str, int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.y.shape[0]
+
+    def _counts(self) -> dict[str, int]:
+        if self.counts is None:  # a hand-built batch: read the masks (not cached, they may be edited)
+            return {m: int(p.sum()) for m, p in self.present.items()}
+        return self.counts
+
+    def has(self, m: str) -> bool:
+        """Whether any sample of the batch has modality ``m`` (no device synchronisation)."""
+        return self._counts()[m] > 0
+
+    def full(self, m: str) -> bool:
+        """Whether every sample of the batch has modality ``m`` (no device synchronisation)."""
+        return self._counts()[m] == len(self)
 
     def only(self, modalities) -> "Batch":
         """The same batch with every modality outside ``modalities`` made absent (present False, zeros).
@@ -33,6 +52,7 @@ class Batch:
         """
         keep = set(modalities)
         x, tokens, present = {}, {}, {}
+        counts = dict(self._counts())
         for m in self.x:
             if m in keep:
                 x[m], tokens[m], present[m] = self.x[m], self.tokens[m], self.present[m]
@@ -40,7 +60,8 @@ class Batch:
                 x[m] = torch.zeros_like(self.x[m])
                 tokens[m] = torch.zeros_like(self.tokens[m])
                 present[m] = torch.zeros_like(self.present[m])
-        return Batch(x, tokens, present, self.y)
+                counts[m] = 0
+        return Batch(x, tokens, present, self.y, counts)
 
 
 @dataclass
@@ -62,11 +83,25 @@ class SplitTensors:
         x = {m: t[:, 0] if t.shape[1] == 1 else t.mean(1) for m, t in tokens.items()}
         return cls(list(split.ids), x, tokens, dict(split.present), split.labels)
 
-    def batch(self, index: torch.Tensor | slice) -> Batch:
+    def batch(self, index: torch.Tensor | slice, host_index: torch.Tensor | slice | None = None) -> Batch:
+        """Rows ``index`` as a batch. ``host_index`` is the same rows on the CPU when ``index`` lives on
+        an accelerator: the batch's present counts are read from a host copy of the masks, so cutting
+        a batch never waits for the device."""
         take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
         x = {m: take(t) for m, t in self.x.items()}
         tokens = {m: x[m].unsqueeze(1) if t.shape[1] == 1 else take(t) for m, t in self.tokens.items()}
-        return Batch(x, tokens, {m: take(p) for m, p in self.present.items()}, take(self.y))
+        y = take(self.y)
+        return Batch(x, tokens, {m: take(p) for m, p in self.present.items()}, y,
+                     self._counts(index if host_index is None else host_index, y.shape[0]))
+
+    def _counts(self, index: torch.Tensor | slice, n: int) -> dict[str, int]:
+        """Present samples per modality among rows ``index``, from host-side masks (cached on the split)."""
+        host = self.__dict__.get("_present_host")
+        if host is None:
+            host = {m: p.cpu() for m, p in self.present.items()}
+            host = self.__dict__["_present_host"] = (host, {m: bool(p.all()) for m, p in host.items()})
+        masks, complete = host
+        return {m: n if complete[m] else int(masks[m][index].sum()) for m in masks}
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         """Shuffled batches when a generator is given (training), dataset order otherwise (evaluation)."""

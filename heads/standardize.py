@@ -88,4 +88,4 @@ class Standardizer(nn.Module):
                 tokens[m] = x[m].unsqueeze(1)
             else:
                 tokens[m] = (batch.tokens[m] - self.shift(m)) * self.inv_scale(m) * keep[:, None, None]
-        return Batch(x, tokens, batch.present, batch.y)
+        return Batch(x, tokens, batch.present, batch.y, batch.counts)

@@ -153,7 +153,7 @@ def test_missing_sample_passes_its_state_through_an_aligned_step():
     h_prev, started, state_h, state_c = model.chain_step("a", b, h_prev, started, state_h, state_c)
     after_h, after_started, new_h, new_c = model.chain_step("b", b, h_prev, started, state_h, state_c)
     assert torch.equal(new_h[0], state_h[0]) and torch.equal(new_c[0], state_c[0])
-    assert torch.equal(after_h[0], h_prev[0]) and after_started.all()
+    assert torch.equal(after_h[0], h_prev[0]) and after_started.mask.all()
     assert not torch.equal(new_h[1], state_h[1])
 
 
@@ -164,7 +164,7 @@ def test_first_present_modality_gets_no_aligned_state():
     b.x["b"][0] = 0
     h_prev, started, state_h, state_c = model.initial_state(b)
     h_prev, started, state_h, state_c = model.chain_step("b", b, h_prev, started, state_h, state_c)
-    assert started.tolist() == [False, True, True, True, True]
+    assert started.mask.tolist() == [False, True, True, True, True]
     # sample 0 starts at a: same result as a batch where nobody has started (a = 0 for all)
     fresh = model.initial_state(b)
     _, _, h_first, _ = model.chain_step("a", b, *fresh)

@@ -32,6 +32,14 @@ class HeadMethod(nn.Module, ABC):
     summary: str = ""
     # How the method trains unless told otherwise (its paper or official code; ``heads/training.py``).
     training: Training = FIELD_PROTOCOL
+    # True when configs of this method can train stacked (``heads/stacked.py``): the batch update is
+    # the inherited ``train_step`` (one ``loss``, one optimizer step) and ``loss``/``logits`` are plain
+    # tensor code — no Python ``if`` on tensor values (use ``batch.has(m)``/``batch.full(m)``), no
+    # ``.item()``/``float()`` of tensors, no in-place buffer updates, no random draws.
+    stackable: bool = False
+    # True when the method reads the per-epoch Shapley values φ / deviations δ of validation in
+    # ``end_epoch`` (edm's order); others get only the full-set validation accuracy each epoch.
+    reads_phi: bool = False
 
     def __init__(self, spec: DataSpec, cfg, opts):
         super().__init__()

@@ -103,7 +103,7 @@ def contributions(fused: torch.Tensor, parts: dict[str, torch.Tensor], present: 
     mask = torch.stack([present[m] for m in parts])  # [M, B]
     mi = []
     for m, z in parts.items():
-        if not bool(present[m].any()):
+        if not bool(present[m].any()):  # (host-side masks in the callers; a sync only on an accelerator)
             mi.append(torch.zeros_like(f[:, 0]))  # masked below
             continue
         sims = f @ unit(z).T / temperature  # [B, B]: row i, candidate k
@@ -186,9 +186,9 @@ class CCAT(HeadMethod):
         out = {"ccat_stage": self.stage}
         batches, samples = max(self._stats["batches"], 1), max(self._stats["samples"], 1)
         if self.stage == 1:
-            out["ccat_reg"] = self._stats["reg"] / batches
+            out["ccat_reg"] = float(self._stats["reg"]) / batches
         elif self.opts.secondary:
-            out.update({f"ccat_secondary_{m}": self._stats[m] / samples for m in self.modalities})
+            out.update({f"ccat_secondary_{m}": float(self._stats[m]) / samples for m in self.modalities})
         return out
 
     def train_step(self, batch):
@@ -200,17 +200,19 @@ class CCAT(HeadMethod):
         z = {m: self.proj[m](batch.tokens[m]) * batch.present[m][:, None, None].to(batch.tokens[m].dtype)
              for m in self.modalities}
         fused, directions = self.fusion(z, batch.present)
-        rows = directions > 0  # samples with at least two present modalities
-        ce = nn.functional.cross_entropy(self.cls(fused[rows]), batch.y[rows]) if bool(rows.any()) else fused.sum() * 0
         pooled = {m: t.mean(1) for m, t in z.items()}
         gap = contribution_gap(contributions(fused, pooled, batch.present, self.opts.temperature), batch.present)
+        if sum(batch.full(m) for m in self.modalities) >= 2:  # every sample has two: known on the host
+            return nn.functional.cross_entropy(self.cls(fused), batch.y) + self.opts.lambda_reg * gap.mean(), gap.mean()
+        rows = directions > 0  # samples with at least two present modalities
+        ce = nn.functional.cross_entropy(self.cls(fused[rows]), batch.y[rows]) if bool(rows.any()) else fused.sum() * 0
         reg = gap[rows].mean() if bool(rows.any()) else gap.sum() * 0
         return ce + self.opts.lambda_reg * reg, reg
 
     def pretrain_step(self, batch):
         loss, reg = self.pretrain_loss(batch)
         self.step(loss)
-        self._stats["reg"] += float(reg.detach())
+        self._stats["reg"] += reg.detach()  # stays on the device until the epoch ends
         self._stats["batches"] += 1
         return loss.detach()
 
@@ -222,10 +224,16 @@ class CCAT(HeadMethod):
 
     def unimodal_loss(self, batch, m: str, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Mean CE of modality m over ``rows`` (default: the samples that have m); None if there are none."""
-        rows = batch.present[m] if rows is None else rows
-        if not bool(rows.any()):
-            return None
-        x, y = (batch.x[m], batch.y) if bool(rows.all()) else (batch.x[m][rows], batch.y[rows])
+        if rows is None:  # the host knows from the batch's counts: no device sync
+            if not batch.has(m):
+                return None
+            everyone, rows = batch.full(m), batch.present[m]
+        else:  # a data-dependent selection (the secondary update): its count must be read
+            count = int(rows.sum())
+            if count == 0:
+                return None
+            everyone = count == len(batch)
+        x, y = (batch.x[m], batch.y) if everyone else (batch.x[m][rows], batch.y[rows])
         return nn.functional.cross_entropy(self.head(m, self.proj[m](x)), y)
 
     def alternating_step(self, batch):
@@ -271,7 +279,7 @@ class CCAT(HeadMethod):
             loss = self.unimodal_loss(batch, m, rows)
             if loss is not None:
                 self.step(loss)
-            self._stats[m] += float(rows.sum())
+            self._stats[m] += rows.sum()
         self._stats["samples"] += len(batch)
         return masks
 

@@ -38,6 +38,19 @@ from heads.metrics import weak_to_strong
 from heads.modules import Alignment, MemoryCell
 
 
+@dataclass(frozen=True)
+class Started:
+    """Which samples have had a chain step: the device mask, and whether the host knows that some or
+    every sample has (from the batch's present counts), so the chain branches without a device sync."""
+
+    mask: torch.Tensor
+    some: bool
+    every: bool
+
+    def add(self, present: torch.Tensor, has: bool, full: bool) -> "Started":
+        return Started(self.mask | present, self.some or has, self.every or full)
+
+
 @dataclass
 class EDMOptions:
     tau: float = field(default=0.5, metadata={"help": "alignment threshold τ in [0, 1): keep similarities > τ"})
@@ -87,15 +100,21 @@ class EDM(HeadMethod):
         return [self.modalities[i] for i in self.order_index.tolist()]
 
     # --- the chain ---------------------------------------------------------------------------------
+    @property
+    def reads_phi(self) -> bool:
+        """The per-epoch order reads validation δ (so the core scores every subset each epoch)."""
+        return self.opts.order in ("weak-to-strong", "strong-to-weak")
+
     def initial_state(self, batch):
         """``(h_prev, started, H_0, C_0)`` before the first step; ``H_0, C_0`` are the inherited memory,
-        one row ``[1, width]`` that broadcasts over the batch (the cell multiplies it once)."""
+        one row ``[1, width]`` that broadcasts over the batch (the cell multiplies it once). ``started``
+        is a per-sample mask plus what the host knows of it (``Started``), so no step waits for the device."""
         n = len(batch)
-        h_prev = torch.zeros(n, self.cfg.hidden)
-        started = torch.zeros(n, dtype=torch.bool)
+        h_prev = torch.zeros(n, self.cfg.hidden, device=batch.y.device)
+        started = Started(torch.zeros(n, dtype=torch.bool, device=batch.y.device), False, False)
         return h_prev, started, self.memory_h.unsqueeze(0), self.memory_c.unsqueeze(0)
 
-    def chain_step(self, m, batch, h_prev, started, state_h, state_c):
+    def chain_step(self, m, batch, h_prev, started: "Started", state_h, state_c):
         """One modality's step for every sample that has it; the others pass their state through.
 
         ``h_prev`` is each sample's projection at its last step and ``started`` says which samples
@@ -103,15 +122,15 @@ class EDM(HeadMethod):
         have zero ``h_prev``, whose similarity 0 never passes the gate, so nobody aligns to them.
         """
         present = batch.present[m]
-        everyone = bool(present.all())  # the usual case: masking would change nothing, so skip it
+        everyone = batch.full(m)  # the usual case: masking would change nothing, so skip it
         h = self.proj[m](batch.x[m])
         if not everyone:
             h = h * present.unsqueeze(1)
         a = None  # a = 0: the cell skips its block
-        if self.opts.align and started.any():
+        if self.opts.align and started.some:
             a = self.align(h, h_prev, state_h)
-            if not started.all():
-                a = a * started.unsqueeze(1)
+            if not started.every:
+                a = a * started.mask.unsqueeze(1)
         if self.cell is not None:
             new_h, new_c = self.cell(h, a, state_h, state_c)
         else:
@@ -120,14 +139,14 @@ class EDM(HeadMethod):
             keep = present.unsqueeze(1)
             new_h, new_c = torch.where(keep, new_h, state_h), torch.where(keep, new_c, state_c)
             h = torch.where(keep, h, h_prev)
-        return h, started | present, new_h, new_c
+        return h, started.add(present, batch.has(m), everyone), new_h, new_c
 
     def train_step(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
-        total = torch.zeros(())
+        total = torch.zeros((), device=batch.y.device)
         for m in self.order:
             present = batch.present[m]
-            if not present.any():
+            if not batch.has(m):
                 continue
             h_seen, started, new_h, new_c = self.chain_step(m, batch, h_prev, started, state_h, state_c)
             per_sample = nn.functional.cross_entropy(self.cls(new_h), batch.y, reduction="none")
@@ -146,7 +165,7 @@ class EDM(HeadMethod):
     def logits(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
         for m in self.order:
-            if batch.present[m].any():
+            if batch.has(m):
                 h_prev, started, state_h, state_c = self.chain_step(m, batch, h_prev, started, state_h, state_c)
         return self.cls(state_h.expand(len(batch), -1))  # one row if no modality was present
 

@@ -104,8 +104,15 @@ class MLA(HeadMethod):
     # --- training ------------------------------------------------------------------------------
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
+        self._steps_host = int(self.steps)  # a host copy of t, read once per epoch (no sync per batch)
         self._batch_index = 0
         self._stats = {"ratio": 0.0, "cos": 0.0, "n": 0}
+
+    def _host_steps(self) -> int:
+        """``t`` known on the host (the buffer is read only when no epoch has set the copy)."""
+        if getattr(self, "_steps_host", None) is None:
+            self._steps_host = int(self.steps)
+        return self._steps_host
 
     def current_alpha(self) -> float:
         if self.opts.alpha_schedule == "constant" or not self.batches_per_epoch:
@@ -129,24 +136,24 @@ class MLA(HeadMethod):
     def modify_head_gradient(self) -> None:
         """``∇W ← ∇W·P`` (or ``∇W + ∇W·P``) on the head's weight only; skipped at the first step."""
         grad = self.head.weight.grad
-        if not self.opts.modify_head or grad is None or int(self.steps) == 0:
+        if not self.opts.modify_head or grad is None or self._host_steps() == 0:
             return
         with torch.no_grad():
             new = grad @ self.P.to(grad.dtype)
             if self.opts.gradient == "add":
                 new = grad + new
-            self._stats["ratio"] += float(new.norm() / grad.norm().clamp_min(1e-30))
-            self._stats["cos"] += float(nn.functional.cosine_similarity(new.flatten(), grad.flatten(), dim=0))
+            self._stats["ratio"] += (new.norm() / grad.norm().clamp_min(1e-30)).detach()  # summed on the device
+            self._stats["cos"] += nn.functional.cosine_similarity(new.flatten(), grad.flatten(), dim=0).detach()
             self._stats["n"] += 1
             grad.copy_(new)
 
     def train_step(self, batch):
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=batch.y.device), 0
         for m in self.modalities:
             rows = batch.present[m]
-            if not bool(rows.any()):
+            if not batch.has(m):
                 continue  # nobody in this batch has modality m: no iteration for it
-            x, y = (batch.x[m], batch.y) if bool(rows.all()) else (batch.x[m][rows], batch.y[rows])
+            x, y = (batch.x[m], batch.y) if batch.full(m) else (batch.x[m][rows], batch.y[rows])
             h = self.proj[m](x)
             loss = nn.functional.cross_entropy(self.head(h), y)
             h_mean = h.detach().mean(0)
@@ -156,6 +163,7 @@ class MLA(HeadMethod):
             if self.opts.p_update == "after":
                 self.update_P(h_mean)
             self.steps += 1
+            self._steps_host = self._host_steps() + 1
             total, count = total + loss.detach(), count + 1
         self._batch_index += 1
         return total / max(count, 1)
@@ -164,7 +172,7 @@ class MLA(HeadMethod):
         if self.epoch == 1:
             self.batches_per_epoch = self._batch_index
         n = max(self._stats["n"], 1)
-        return {"mla_grad_ratio": self._stats["ratio"] / n, "mla_grad_cos": self._stats["cos"] / n}
+        return {"mla_grad_ratio": float(self._stats["ratio"]) / n, "mla_grad_cos": float(self._stats["cos"]) / n}
 
     # --- inference -----------------------------------------------------------------------------
     def unimodal_logits(self, batch) -> dict[str, torch.Tensor]:

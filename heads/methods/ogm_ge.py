@@ -67,31 +67,40 @@ class OGMGE(Concat):
                         FIELD_PROTOCOL.batch_size,
                         "OGM-GE official main.py: SGD momentum 0.9, lr 1e-3, wd 1e-4, StepLR 70 × 0.1, batch 64, 100 epochs")
 
-    def scores(self, batch) -> dict[str, float]:
-        """Mean true-class confidence of each modality's slice over the samples that have it (eqs. 6–8)."""
+    def score_tensor(self, batch) -> torch.Tensor:
+        """``[M]`` mean true-class confidence of each modality's slice over the samples that have it
+        (eqs. 6–8); NaN for a modality nobody in the batch has. Stays on the device (no sync)."""
         with torch.no_grad():
             h = encode(self.proj, batch)
             d = self.cfg.hidden
-            out = {}
+            out = []
             for i, m in enumerate(self.modalities):
                 logits = h[m] @ self.cls.weight[:, i * d:(i + 1) * d].T + self.cls.bias / len(self.modalities)
                 conf = logits.softmax(-1).gather(1, batch.y[:, None]).squeeze(1)
-                rows = batch.present[m]
-                out[m] = float(conf[rows].mean()) if bool(rows.any()) else float("nan")
-        return out
+                rows = batch.present[m].to(conf.dtype)
+                out.append((conf * rows).sum() / rows.sum())  # 0 / 0 = NaN when nobody has m
+            return torch.stack(out)
+
+    def coefficient_tensor(self, batch) -> torch.Tensor:
+        """``[M]`` coefficients ``k_m`` (eq. 10), computed on the device: 1 for a modality without a
+        score or without another scored modality, or that is not dominant (ρ ≤ 1)."""
+        score = self.score_tensor(batch)
+        valid = ~score.isnan()
+        known = torch.where(valid, score, torch.zeros_like(score))
+        others = valid.sum() - valid.to(torch.long)  # scored modalities other than m
+        mean_others = (known.sum() - known) / others.clamp_min(1)
+        ratio = known / mean_others.clamp_min(1e-12)
+        shifted = ratio if self.opts.coeff_form == "paper" else ratio - 1.0
+        k = 1.0 - torch.tanh(self.opts.alpha * shifted)
+        return torch.where(valid & (others > 0) & (ratio > 1), k, torch.ones_like(k))
+
+    def scores(self, batch) -> dict[str, float]:
+        """The scores as host numbers (analysis and tests; training reads the tensor)."""
+        return dict(zip(self.modalities, self.score_tensor(batch).tolist()))
 
     def coefficients(self, batch) -> dict[str, float]:
-        """``k_m`` for this batch (1 for a modality absent from the whole batch, or with no other present)."""
-        score = self.scores(batch)
-        coeff = {}
-        for m in self.modalities:
-            others = [score[o] for o in self.modalities if o != m and not math.isnan(score[o])]
-            if math.isnan(score[m]) or not others:
-                coeff[m] = 1.0
-                continue
-            ratio = score[m] / max(sum(others) / len(others), 1e-12)
-            coeff[m] = coefficient(ratio, self.opts.alpha, self.opts.coeff_form)
-        return coeff
+        """``k_m`` for this batch as host numbers (1 for a modality absent from the whole batch)."""
+        return dict(zip(self.modalities, self.coefficient_tensor(batch).tolist()))
 
     def modulating(self) -> bool:
         return self.opts.modulation_start <= self.epoch <= self.opts.modulation_end
@@ -99,15 +108,15 @@ class OGMGE(Concat):
     def train_step(self, batch):
         if not self.modulating():
             return super().train_step(batch)
-        coeff = self.coefficients(batch)
+        coeff = self.coefficient_tensor(batch)
 
         def modulate():
-            for m in self.modalities:
+            for i, m in enumerate(self.modalities):
                 g = self.proj[m].linear.weight.grad
                 if g is None:
                     continue
                 unscaled_std = g.std()
-                g.mul_(coeff[m])
+                g.mul_(coeff[i])
                 if self.opts.ge:
                     std = unscaled_std if self.opts.noise_std == "unscaled" else g.std()
                     g.add_(torch.randn_like(g) * (std + 1e-8))
