@@ -322,6 +322,7 @@ def methods():
         typer.echo(f"{name}: {cls.summary}")
         typer.echo(f"    trains with {cls.training.describe()}")
         typer.echo(f"        ({cls.training.source})")
+        typer.echo(f"    modalities: {cls.modality_rule}")
         for f in dataclasses.fields(cls.Options):
             flag = f"--{f.name.replace('_', '-')}"
             if f.type in (bool, "bool"):

@@ -40,9 +40,17 @@ class HeadMethod(nn.Module, ABC):
     # True when the method reads the per-epoch Shapley values φ / deviations δ of validation in
     # ``end_epoch`` (edm's order); others get only the full-set validation accuracy each epoch.
     reads_phi: bool = False
+    # How the method handles M modalities: ``max_modalities`` refuses more (a clear error at build
+    # time); ``modality_rule`` is the one line ``cli.py methods`` prints (its rule for M > 2).
+    max_modalities: int | None = None
+    modality_rule: str = "any number of modalities"
 
     def __init__(self, spec: DataSpec, cfg, opts):
         super().__init__()
+        if self.max_modalities is not None and len(spec.modalities) > self.max_modalities:
+            raise ValueError(f"{type(self).__name__.lower()} takes at most {self.max_modalities} modalities "
+                             f"({self.modality_rule}); this data has {len(spec.modalities)}: "
+                             f"{', '.join(spec.modalities)} — choose some with --modalities")
         self.spec, self.cfg, self.opts = spec, cfg, opts
         # Fitted by the core on the training split; a buffer module, so checkpoints carry it.
         self.standardizer = Standardizer(spec.dims, getattr(cfg, "standardize", "feature"))
