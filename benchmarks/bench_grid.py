@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from cache.synthetic import builtin_cache  # noqa: E402
 from heads.core import TrainConfig, fit  # noqa: E402
 from heads.data import load_head_data  # noqa: E402
-from heads.grid import default_workers, expand, halving_milestones, parse_values, run_grid  # noqa: E402
+from heads.grid import expand, parse_values, run_grid  # noqa: E402
+from heads.sweep import default_workers, halving_milestones  # noqa: E402
 
 
 def sampled(items: list, k: int) -> list:

@@ -43,6 +43,10 @@ class TrainConfig:
     missing_test: float = 0.0  # per-modality masking rate for test only (EDM paper's Table VI)
     standardize: str = "feature"  # per-feature z-scoring with training statistics (heads/standardize.py)
     threads: int = 0  # 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda[:N] (heads/device.py): where the run trains and evaluates
+    precision: str = "fp32"  # fp32 | bf16 autocast | auto (bf16 only on a CPU with native bf16 where a probe finds it faster)
+    epoch_subsets: bool = False  # score every modality subset on validation after each epoch (methods reading φ always do)
+    shapley_permutations: int = 128  # with more than 8 modalities φ is estimated from this many sampled permutations
     options: dict = field(default_factory=dict)  # the method's own options, resolved
     training_source: str = ""  # where the resolved optimizer settings came from (filled by resolve_training)
 
@@ -181,9 +185,16 @@ class Report:
     edm: float
     pred: torch.Tensor
     loss: float = float("nan")
+    shapley: str = "exact"  # or "sampled (N permutations)" beyond EXACT_SHAPLEY_MAX modalities
+    phi_stderr: dict[str, float] | None = None  # standard error of each sampled φ_m
+    subsets: bool = True  # False: only the full set was scored (the per-epoch report of most methods)
 
     def row(self, prefix: str = "") -> dict:
-        out = {f"{prefix}acc": self.acc, f"{prefix}f1": self.f1, f"{prefix}loss": self.loss, f"{prefix}edm": self.edm}
+        """The report as one flat row (``epochs.csv``); without subsets, only what was measured."""
+        out = {f"{prefix}acc": self.acc, f"{prefix}f1": self.f1, f"{prefix}loss": self.loss}
+        if not self.subsets:
+            return out
+        out[f"{prefix}edm"] = self.edm
         for m in self.unimodal:
             out[f"{prefix}acc_{m}"] = self.unimodal[m]
             out[f"{prefix}phi_{m}"] = self.phi[m]
@@ -191,7 +202,10 @@ class Report:
         return out
 
     def to_json(self) -> dict:
-        return {**self.row(), "v": {"+".join(sorted(s)) or "∅": a for s, a in self.v.items()}}
+        out = {**self.row(), "v": {"+".join(sorted(s)) or "∅": a for s, a in self.v.items()}, "shapley": self.shapley}
+        if self.phi_stderr is not None:
+            out["phi_stderr"] = self.phi_stderr
+        return out
 
 
 EVAL_ORDER_SEED = 20_241_129  # one fixed seed: the same evaluation batches for every method, epoch and run
@@ -222,22 +236,36 @@ def evaluation_order(split: SplitTensors) -> torch.Tensor:
     return order
 
 
-def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: bool = False):
+def _host_order(split: SplitTensors) -> torch.Tensor:
+    """``evaluation_order`` on the host too (batches read their present counts from host masks)."""
+    cached = split.__dict__.get("_eval_order_host")
+    if cached is None:
+        cached = split.__dict__["_eval_order_host"] = evaluation_order(split).cpu()
+    return cached
+
+
+def _logits(model, batch, prepared: bool) -> torch.Tensor:
+    return model.logits(batch if prepared else model.standardizer(batch))
+
+
+def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: bool = False, prepared: bool = False):
     """Predicted classes with only ``modalities`` present (the others exactly as missing).
 
     Fixed-size batches in ``evaluation_order``; each batch goes through the model's standardiser
-    first, as in training. With ``with_loss`` also returns the mean cross-entropy of the logits.
-    (A ``with`` block rather than a decorator, so that mutation testing reaches this function.)
+    first, as in training (``prepared``: the split is already standardised, as the trainer keeps it).
+    With ``with_loss`` also returns the mean cross-entropy of the logits. Predictions and the loss
+    stay on the split's device until the end. (A ``with`` block rather than a decorator, so that
+    mutation testing reaches this function.)
     """
     model.eval()
-    index = evaluation_order(split)
-    preds = torch.empty(len(split), dtype=torch.long)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    with torch.inference_mode():
+    index, host = evaluation_order(split), _host_order(split)
+    preds = torch.empty(len(split), dtype=torch.long, device=split.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
+    with torch.inference_mode(), model_autocast(model):
         for start in range(0, len(split), batch_size):
             rows = index[start:start + batch_size]
-            batch = split.batch(rows).only(modalities)
-            logits = model.logits(model.standardizer(batch))
+            batch = split.batch(rows, host[start:start + batch_size]).only(modalities)
+            logits = _logits(model, batch, prepared)
             preds[rows] = logits.argmax(-1)
             if with_loss:
                 loss_sum += nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum").double()
@@ -246,27 +274,108 @@ def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: 
     return preds
 
 
-def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = True) -> Report:
-    """Score every modality subset (or only the full set) and derive φ, δ and EDM from them.
+STACKED_EVAL_ROWS = 16_384  # rows per forward pass when subsets are scored together
+
+
+def _stack_subsets(batch, subsets: list[frozenset]):
+    """One batch holding ``batch`` once per subset (subset k in rows k·B … (k+1)·B − 1), the modalities
+    outside each subset made absent exactly as ``Batch.only`` does."""
+    from heads.data import Batch
+
+    k, n = len(subsets), len(batch)
+    x, tokens, present, counts = {}, {}, {}, {}
+    for m in batch.x:
+        keep = torch.tensor([m in s for s in subsets], device=batch.y.device)
+        rows = keep.repeat_interleave(n)
+        x[m] = batch.x[m].repeat(k, 1) * rows[:, None].to(batch.x[m].dtype)
+        tokens[m] = (x[m].unsqueeze(1) if batch.tokens[m].shape[1] == 1
+                     else batch.tokens[m].repeat(k, 1, 1) * rows[:, None, None].to(batch.tokens[m].dtype))
+        present[m] = batch.present[m].repeat(k) & rows
+        counts[m] = batch._counts()[m] * sum(m in s for s in subsets)
+    return Batch(x, tokens, present, batch.y.repeat(k), counts)
+
+
+def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_size: int, prepared: bool = False,
+                    full: frozenset | None = None) -> tuple[dict[frozenset, torch.Tensor], float]:
+    """Predictions for each subset, and the mean cross-entropy of subset ``full`` (NaN if not given).
+
+    Methods whose prediction for a sample depends on that sample alone (``batch_independent``) score
+    all subsets in one pass per chunk of rows: the chunk is repeated once per subset, masked, and sent
+    through the model together — one forward instead of 2^M − 1. Methods that look across a batch
+    (edm's alignment) keep one pass per subset in the fixed evaluation batches.
+    """
+    if not getattr(model, "batch_independent", True) or len(subsets) == 1:
+        preds, loss = {}, float("nan")
+        for s in subsets:
+            if s == full:
+                preds[s], loss = predict(model, split, s, batch_size, with_loss=True, prepared=prepared)
+            else:
+                preds[s] = predict(model, split, s, batch_size, prepared=prepared)
+        return preds, loss
+    model.eval()
+    index, host = evaluation_order(split), _host_order(split)
+    chunk = max(batch_size, STACKED_EVAL_ROWS // len(subsets))
+    preds = {s: torch.empty(len(split), dtype=torch.long, device=split.device) for s in subsets}
+    at = subsets.index(full) if full in subsets else None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
+    with torch.inference_mode(), model_autocast(model):
+        for start in range(0, len(split), chunk):
+            rows = index[start:start + chunk]
+            batch = split.batch(rows, host[start:start + chunk])
+            logits = _logits(model, _stack_subsets(batch, subsets), prepared).view(len(subsets), len(batch), -1)
+            best = logits.argmax(-1)
+            for i, s in enumerate(subsets):
+                preds[s][rows] = best[i]
+            if at is not None:
+                loss_sum += nn.functional.cross_entropy(logits[at].float(), batch.y, reduction="sum").double()
+    return preds, (float(loss_sum) / max(len(split), 1) if at is not None else float("nan"))
+
+
+def model_autocast(model):
+    """The autocast context of the model's resolved precision (set by the trainer; fp32 otherwise)."""
+    from heads.device import autocast
+
+    device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    return autocast(device, getattr(model, "precision", "fp32"))
+
+
+def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = True, prepared: bool = False,
+             permutations: int = 128) -> Report:
+    """Score the full set (and, with ``subsets``, the modality subsets) and derive φ, δ and EDM.
 
     v(∅) is the accuracy of always predicting the training set's majority class (no model involved).
+    Up to ``EXACT_SHAPLEY_MAX`` modalities every subset is scored and φ is exact; beyond, φ is
+    estimated from ``permutations`` sampled permutations (seeded, the same for every model), only
+    the subsets they visit are scored, and the report carries each φ_m's standard error.
     """
-    mods = spec.modalities
+    mods = list(spec.modalities)
     full = frozenset(mods)
     v: dict[frozenset, float] = {frozenset(): metrics.accuracy(torch.full_like(split.y, spec.majority_class), split.y)}
-    pred_full, loss = predict(model, split, mods, batch_size, with_loss=True)
-    v[full] = metrics.accuracy(pred_full, split.y)
-    if subsets:
-        for s in metrics.all_subsets(mods):
-            if s and s != full:
-                v[s] = metrics.accuracy(predict(model, split, s, batch_size), split.y)
-        phi = metrics.shapley_values(v, mods)
-        delta = metrics.deviations(phi, v[full], v[frozenset()])
-        uni = {m: v[frozenset([m])] for m in mods}
+    nan = {m: float("nan") for m in mods}
+    if not subsets:
+        pred_full, loss = predict(model, split, mods, batch_size, with_loss=True, prepared=prepared)
+        v[full] = metrics.accuracy(pred_full, split.y)
+        return Report(v, v[full], metrics.macro_f1(pred_full, split.y, spec.num_classes), nan, nan, nan,
+                      float("nan"), pred_full, loss, subsets=False)
+    orders = None
+    if len(mods) <= metrics.EXACT_SHAPLEY_MAX:
+        needed = [s for s in metrics.all_subsets(mods) if s]
     else:
-        phi, delta, uni = {m: float("nan") for m in mods}, {m: float("nan") for m in mods}, {m: float("nan") for m in mods}
+        orders = metrics.sample_permutations(mods, permutations, EVAL_ORDER_SEED)
+        needed = sorted(set(metrics.permutation_subsets(orders)) | {frozenset([m]) for m in mods} - {frozenset()},
+                        key=lambda s: (len(s), sorted(s)))
+    preds, loss = predict_subsets(model, split, needed, batch_size, prepared, full)
+    correct = torch.stack([(preds[s] == split.y).double().mean() * 100 for s in needed]).tolist() if len(split) else [0.0] * len(needed)
+    v.update(zip(needed, correct))
+    if orders is None:
+        phi, stderr, how = metrics.shapley_values(v, mods), None, "exact"
+    else:
+        (phi, stderr), how = metrics.shapley_from_permutations(v, orders), f"sampled ({permutations} permutations)"
+    delta = metrics.deviations(phi, v[full], v[frozenset()])
+    uni = {m: v[frozenset([m])] for m in mods}
+    pred_full = preds[full]
     return Report(v, v[full], metrics.macro_f1(pred_full, split.y, spec.num_classes), uni, phi, delta,
-                  metrics.edm(delta) if subsets else float("nan"), pred_full, loss)
+                  metrics.edm(delta), pred_full, loss, how, stderr)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -280,6 +389,8 @@ class FitResult:
     test: Report
     seconds: float
     epochs_run: int  # fewer than config.epochs when a grid pruned the run
+    device: str = "cpu"  # where it trained (the config keeps what was asked, e.g. auto)
+    precision: str = "fp32"  # the precision it trained in
 
 
 class Trainer:
@@ -290,11 +401,14 @@ class Trainer:
     """
 
     def __init__(self, data: HeadData, cfg: TrainConfig, model=None):
+        from heads.device import resolve_device, resolve_precision
+
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         cfg = resolve_training(cfg)
+        self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
-        self.data, self.cfg = data, cfg
+        self.data = data
         self.train, self.val, self.test = data.train, data.val, data.test
         if cfg.missing_train > 0:
             self.train = self.train.with_missing(cfg.missing_train, cfg.seed + 101)
@@ -305,32 +419,76 @@ class Trainer:
         self.model = model or build_model(cfg, data.spec)
         if not bool(self.model.standardizer.fitted):
             self.model.standardizer.fit(self.train)  # training statistics only, as the model will be used
+        # The precision used (``cfg.precision`` keeps what was asked, e.g. auto; results.json says which).
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.batch_size, max(data.spec.dims.values()),
+                                           cfg.hidden)
+        self.cfg = cfg
+        self.model.to(self.device)
+        self.model.precision = self.precision
         self.model.optimizer = self.model.configure_optimizer()
+        self._prepare()
         self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.rows: list[dict] = []
         self.epoch, self.best, self.best_epoch, self.best_state = 0, -1.0, 0, None
         self.seconds = 0.0
-        # Each trainer owns its RNG stream so that interleaved trainers (a pruned grid) reproduce
+        # Each trainer owns its RNG streams so that interleaved trainers (a pruned grid) reproduce
         # exactly what they would do alone.
         self.rng_state = torch.get_rng_state()
+        self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _prepare(self) -> None:
+        """The splits the loop reads: standardised once with the fitted statistics and moved to the
+        device once (``train``/``val``/``test`` stay the raw host splits, for reports on masks)."""
+        std = self.model.standardizer
+        self.ready = {name: std.apply_split(getattr(self, name)).to(self.device) for name in ("train", "val", "test")}
+
+    # A checkpoint is the trainer without its data (rebuilt from the cache), its device-side splits
+    # and its generator (saved as a state): tensors are saved on the host and re-homed on load.
+    _NOT_SAVED = ("data", "train", "val", "test", "ready", "shuffle", "device")
+
+    def checkpoint(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_SAVED}
+        state["shuffle_state"] = self.shuffle.get_state()
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``checkpoint()`` (loaded with ``map_location="cpu"``) on this trainer's device."""
+        state = dict(state)
+        self.shuffle.set_state(state.pop("shuffle_state"))
+        self.__dict__.update(state)
+        self.model.to(self.device)
+        optimizer = self.model.optimizer
+        optimizer.load_state_dict(optimizer.state_dict())  # re-homes its state beside the parameters
+        self._prepare()
+
+    def _epoch_report(self) -> Report:
+        """Validation after an epoch: the full-set accuracy and loss that selection needs, and every
+        subset only when the method reads φ (edm's order) or ``epoch_subsets`` asks for it."""
+        subsets = bool(getattr(self.model, "reads_phi", False)) or self.cfg.epoch_subsets
+        return evaluate(self.model, self.ready["val"], self.data.spec, self.eval_batch_size, subsets, prepared=True,
+                        permutations=self.cfg.shapley_permutations)
 
     def run(self, until: int, on_epoch=None) -> None:
         """Train epochs ``self.epoch + 1 … until`` (capped at ``cfg.epochs``)."""
+        from heads.device import autocast
+
         start = time.perf_counter()
         torch.set_rng_state(self.rng_state)
-        model = self.model
+        if self.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+        model, train = self.model, self.ready["train"]
         for epoch in range(self.epoch + 1, min(until, self.cfg.epochs) + 1):
             model.train()
             model.start_epoch(epoch)  # may rebuild the optimizer (ccat's stage switch): set the rate after it
             set_lr(model.optimizer, scheduled_lr(self.cfg.lr, self.cfg.schedule, epoch, self.cfg.epochs))
-            total, count = torch.zeros(()), 0
-            for batch in self.train.batches(self.cfg.batch_size, self.shuffle):
-                total += model.train_step(model.standardizer(batch)) * len(batch)
-                count += len(batch)
-            report = evaluate(model, self.val, self.data.spec, self.eval_batch_size)
+            total = torch.zeros((), device=self.device)  # summed on the device, read once per epoch
+            with autocast(self.device, self.precision):
+                for batch in train.batches(self.cfg.batch_size, self.shuffle):
+                    total += model.train_step(batch) * len(batch)
+            report = self._epoch_report()
             extra = model.end_epoch(report)
-            self.rows.append({"epoch": epoch, "train_loss": float(total) / max(count, 1), **report.row("val_"), **extra})
+            self.rows.append({"epoch": epoch, "train_loss": float(total) / max(len(train), 1), **report.row("val_"), **extra})
             if report.acc >= self.best:  # ties: the later epoch (README, "Selection and reproducibility")
                 self.best, self.best_epoch = report.acc, epoch
                 self.best_state = copy.deepcopy(model.state_dict())
@@ -338,17 +496,21 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(self, report)
         self.rng_state = torch.get_rng_state()
+        if self.cuda_rng_state is not None:
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
         self.seconds += time.perf_counter() - start
 
     def finish(self, run_dir: str | Path | None = None) -> "FitResult":
         """Restore the best-on-validation state, evaluate validation and test once, write the run."""
         start = time.perf_counter()
         self.model.load_state_dict(self.best_state)
-        val_report = evaluate(self.model, self.val, self.data.spec, self.eval_batch_size)
-        test_report = evaluate(self.model, self.test, self.data.spec, self.eval_batch_size)
+        val_report = evaluate(self.model, self.ready["val"], self.data.spec, self.eval_batch_size, prepared=True,
+                              permutations=self.cfg.shapley_permutations)
+        test_report = evaluate(self.model, self.ready["test"], self.data.spec, self.eval_batch_size, prepared=True,
+                               permutations=self.cfg.shapley_permutations)
         self.seconds += time.perf_counter() - start
         result = FitResult(self.model, self.cfg, self.rows, self.best_epoch, val_report, test_report, self.seconds,
-                           self.epoch)
+                           self.epoch, str(self.device), self.precision)
         if run_dir is not None:
             write_run(Path(run_dir), result, self.data)
         return result
@@ -384,7 +546,8 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
     cfg["options"] = resolve_options(result.config.method, result.config.options)
     from cache.store import _code_version
 
-    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": _code_version()}
+    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": _code_version(),
+              "used": {"device": result.device, "precision": result.precision}}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     with open(run_dir / "epochs.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in result.epochs for k in r))
@@ -394,7 +557,8 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
     c = result.config
     training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size}"
                 f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}")
-    results = {"method": result.config.method, "seed": result.config.seed, "training": training, "best_epoch": result.best_epoch,
+    results = {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
+               "precision": result.precision, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     from heads.report import results_table
@@ -408,8 +572,10 @@ def load_run(run_dir: str | Path):
     from heads.data import DataSpec
 
     saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**saved["config"]["train"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved["config"]["train"].items() if k in fields})
     model = build_model(cfg, DataSpec(**saved["config"]["spec"]))
     model.load_state_dict(saved["state"])
+    model.precision = saved["config"].get("used", {}).get("precision", "fp32")  # as it was trained and selected
     model.eval()
     return model, cfg

@@ -103,12 +103,45 @@ class SplitTensors:
         masks, complete = host
         return {m: n if complete[m] else int(masks[m][index].sum()) for m in masks}
 
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
+    def to(self, device: torch.device | str) -> "SplitTensors":
+        """This split on ``device`` (itself when it is already there), moved once for a whole run.
+
+        What must not depend on the device is computed on the host first and carried over: the
+        evaluation order (a float64 reduction whose bits would differ on a GPU) and the host copy of
+        the present masks that batches read their counts from.
+        """
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        from heads.core import evaluation_order
+
+        order = evaluation_order(self)
+        self._counts(slice(0, 0), 0)  # builds the host masks
+        moved = SplitTensors(self.ids, {m: t.to(device) for m, t in self.x.items()},
+                             {m: t.to(device) for m, t in self.tokens.items()},
+                             {m: p.to(device) for m, p in self.present.items()}, self.y.to(device))
+        moved.__dict__["_eval_order"] = order.to(device)
+        moved.__dict__["_present_host"] = self.__dict__["_present_host"]
+        return moved
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
-        """Shuffled batches when a generator is given (training), dataset order otherwise (evaluation)."""
+        """Shuffled batches when a generator is given (training), dataset order otherwise (evaluation).
+
+        The permutation is drawn on the host from the (CPU) generator, so a seed gives the same
+        batches on every device, and copied to the device once per epoch."""
         n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else None
+        if generator is None:
+            for start in range(0, n, batch_size):
+                yield self.batch(slice(start, start + batch_size))
+            return
+        order = torch.randperm(n, generator=generator)
+        on_device = order.to(self.device, non_blocking=True) if self.device.type != "cpu" else order
         for start in range(0, n, batch_size):
-            yield self.batch(order[start:start + batch_size] if order is not None else slice(start, start + batch_size))
+            yield self.batch(on_device[start:start + batch_size], order[start:start + batch_size])
 
     def subset(self, index: torch.Tensor) -> "SplitTensors":
         """Rows ``index`` of this split (a new split; tensors are copied)."""

@@ -1,25 +1,9 @@
-"""Grids: every config of one method over seeds, selected on validation, as cheap as their arithmetic.
+"""Grids: every config of one method over seeds, selected on validation.
 
-A grid is a list of runs (``RunSpec``: a resolved ``TrainConfig`` plus a folder name). Three things
-keep it cheap:
-
-- The cache is loaded once. Worker processes (one per core, one thread each) get the tensors once,
-  through shared memory, and never reload them; no process starts per config. One thread per worker
-  rather than one process with two threads: small matmuls scale poorly over threads, and on a shared
-  machine a two-thread OpenMP team whose second core is taken stalls at every barrier, while single-
-  thread workers only slow down in proportion (``benchmarks/bench_grid.py`` measures both).
-- ``prune=True`` runs successive halving: every run trains to a milestone (E/8, E/4, E/2), then the
-  worse half of the configs stops there; a config's seeds are ranked by their mean best validation
-  accuracy so far and kept or dropped together, so the selected config always has all its seeds. A
-  stopped run is still finished (its best state evaluated on validation and test) and appears in the
-  table with ``stopped_at``. About 0.29 of the epochs of the full grid are trained for 10 configs.
-- Work moves between workers at epoch boundaries: a run that is not finished is a checkpoint file
-  (the whole trainer minus the data), so a rung whose run count does not divide by the worker count is
-  cut into pieces that keep every worker busy, and an interrupted grid resumes from them.
-
-Resume: each run finishes into a temporary folder renamed to ``<grid>/<config>-seed<k>/`` at the
-end, so a run folder with ``results.json`` is always whole; a rerun skips the runs whose folder holds
-the same resolved config (and continues unfinished ones from their checkpoints).
+This file is the grid's own logic: which values an axis takes (``--tau 0.0:0.9:0.1``), the runs a grid
+expands to, and selection among them. The runs are trained by the sweep runner (``heads/sweep.py``:
+worker processes, pruning, resume) or, on a GPU and for a stackable method, together as batched
+tensors (``heads/stacked.py``).
 
 Selection never reads test: the selected config is the argmax of the mean over seeds of the
 best-epoch validation accuracy among configs that trained all their epochs; its test accuracy is
@@ -31,25 +15,16 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
-import shutil
-import signal
 import statistics
-import sys
-import threading
 import time
 import typing
-from collections import Counter
-from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
-from heads.core import (OptionError, Trainer, TrainConfig, build_model, evaluate, load_run, method_class,
-                        resolve_options, resolve_training)
+from heads.core import OptionError, TrainConfig, build_model, method_class, resolve_options
 from heads.data import HeadData
+from heads.sweep import RunSpec, identity, run_sweep
 from heads.standardize import MODES as STANDARDIZE_MODES
 from heads.training import OPTIMIZERS, parse_schedule
 
@@ -217,18 +192,6 @@ def check_size(axes: dict[str, list], seeds: list[int], protocol: str = "joint",
     return runs
 
 
-# --- runs --------------------------------------------------------------------------------------
-@dataclass
-class RunSpec:
-    """One run of a sweep: its folder name, the runs it is ranked with (its seeds), the full config."""
-
-    name: str
-    group: str
-    cfg: TrainConfig
-    record: dict = field(default_factory=dict)  # merged into results.json (label, axis values, …)
-    test_rates: tuple[float, ...] = ()  # also evaluate the selected model on test masked at these rates
-
-
 def _text(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
@@ -277,433 +240,6 @@ def validate_axes(method: str, axes: dict[str, list], base: TrainConfig, data: H
     for name, values in axes.items():
         for value in values[1:]:
             build_model(_config(method, {**first, name: value}, base), data.spec).configure_optimizer()
-
-
-def validate(specs: list[RunSpec], data: HeadData) -> None:
-    """Build each distinct config's model and optimizer once, and draw each distinct missing rate's masks
-    once, so a bad value or an unreachable η fails before any training."""
-    seen = set()
-    for rate in sorted({s.cfg.missing_train for s in specs} | {s.cfg.missing_test for s in specs} |
-                       {r for s in specs for r in s.test_rates}):
-        for split in (data.train, data.val, data.test):
-            try:
-                split.with_missing(rate, 0)
-            except ValueError as err:
-                raise OptionError(str(err)) from None
-    for spec in specs:
-        key = json.dumps(dataclasses.asdict(replace(spec.cfg, seed=0)), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            build_model(spec.cfg, data.spec).configure_optimizer()
-
-
-def halving_milestones(epochs: int) -> list[int]:
-    """Epochs at which successive halving ranks the configs: E/8, E/4, E/2 and E (fewer for small E)."""
-    return sorted({max(1, round(epochs / d)) for d in (8, 4, 2)} | {epochs})
-
-
-# --- what a worker does --------------------------------------------------------------------------
-@dataclass
-class _Job:
-    spec: RunSpec
-    folder: str
-    start: int  # the epoch its checkpoint holds (0: a fresh trainer)
-    until: int
-    finish: bool
-    milestones: list[int] | None  # the pruning plan the run belongs to, recorded for resume
-
-
-_DATA: HeadData | None = None
-
-
-def _init_worker(data: HeadData, threads: int, parent: int) -> None:
-    global _DATA
-    _die_with_parent(parent)
-    _DATA = data
-    torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker as soon as the sweep process ``parent`` is gone, whatever ended it.
-
-    A worker that outlives its sweep (``kill -9``, the out-of-memory killer, a scheduler's SIGTERM
-    escalated to SIGKILL) keeps its ≈400 MB, finishes its runs into a folder nobody reads and then
-    idles under PID 1 for ever. Two mechanisms, because neither is enough alone:
-
-    - Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker the instant its parent
-      dies, even by SIGKILL. It is Linux only, it is armed after the worker has started (a parent
-      that died in between is missed: hence the ``getppid`` check right after), and it fires when
-      the *thread* that spawned the worker ends, not the process. Our workers are spawned by
-      ``submit`` in the sweep's own thread, which outlives the pool (``run_sweep`` closes it before
-      returning); a pool that respawned workers from a helper thread would lose them when that
-      thread ended, so the signal is SIGKILL-on-parent-thread and must not be the only safeguard.
-    - A daemon thread polling ``os.getppid()`` against the original parent and calling ``os._exit``
-      (no cleanup to run: an unfinished run is a checkpoint or nothing): portable (macOS, where there
-      is no PDEATHSIG) and independent of threads, at the cost of up to half a second.
-    """
-    if sys.platform.startswith("linux"):  # elsewhere the watchdog alone
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (AttributeError, OSError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def _work(job: _Job) -> dict:
-    return advance(_DATA, job)
-
-
-def _checkpoint(folder: Path, name: str) -> tuple[Path, Path]:
-    return folder / ".checkpoints" / f"{name}.pt", folder / ".checkpoints" / f"{name}.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _identity(cfg: TrainConfig, data: HeadData) -> dict:
-    """What a run's results depend on; a stored run is reused only when this matches (threads aside)."""
-    train = dataclasses.asdict(resolve_training(cfg))
-    train.pop("threads")
-    train["options"] = resolve_options(cfg.method, cfg.options)
-    return {"train": json.loads(json.dumps(train)), "caches": list(data.meta["caches"])}
-
-
-def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:
-    """The selected model on test with each modality masked at ``rate``, and the realised mask.
-
-    The split is the one ``--missing-test`` draws (the core builds it, so the masks are identical to
-    those of a run trained with that option).
-    """
-    cfg = resolve_training(cfg)
-    masked = Trainer(data, replace(cfg, missing_test=rate), model=model).test
-    report = evaluate(model, masked, data.spec, cfg.eval_batch_size or cfg.batch_size)
-    return {**report.to_json(), **_realised(data.test, masked)}
-
-
-def _realised(original, masked) -> dict:
-    """Fraction of the present (sample, modality) entries that masking removed, overall and per modality
-    (``missing_<m>``); samples left with none (always 0 by construction; recorded as a check)."""
-    from heads.data import realised_missing
-
-    orig = torch.stack(list(original.present.values()), 1)
-    now = torch.stack(list(masked.present.values()), 1)
-    per = {f"missing_{m}": rate for m, rate in realised_missing(original, masked).items()}
-    return {"missing": 1 - float(now.sum()) / max(float(orig.sum()), 1.0), **per,
-            "empty": int((~now.any(1) & orig.any(1)).sum())}
-
-
-def _mask_summary(trainer: Trainer, data: HeadData) -> dict:
-    return {split: _realised(getattr(data, split), getattr(trainer, split)) for split in ("train", "val", "test")}
-
-
-def advance(data: HeadData, job: _Job, on_epoch=None) -> dict:
-    """Train one run from its checkpoint (or from scratch) to ``job.until``; then checkpoint or finish."""
-    spec, folder = job.spec, Path(job.folder)
-    ckpt, sidecar = _checkpoint(folder, spec.name)
-    trainer = Trainer(data, spec.cfg)
-    if job.start:
-        trainer.__dict__.update(torch.load(ckpt, map_location="cpu", weights_only=False))
-    trainer.run(job.until, on_epoch)
-    curve = [row["val_acc"] for row in trainer.rows]
-    if not job.finish:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v for k, v in trainer.__dict__.items() if k not in ("data", "train", "val", "test")}
-        _atomic_write(ckpt, lambda p: torch.save(state, p))
-        info = {"epoch": trainer.epoch, "val_acc": curve, "identity": _identity(spec.cfg, data)}
-        _atomic_write(sidecar, lambda p: p.write_text(json.dumps(info)))
-        return {"epoch": trainer.epoch, "val_acc": curve}
-    tmp = folder / f".{spec.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.finish(tmp)
-    record = json.loads((tmp / "results.json").read_text())
-    record.update(spec.record)
-    record.update(run=spec.name, stopped_at=trainer.epoch if trainer.epoch < spec.cfg.epochs else None, milestones=job.milestones,
-                  threads=torch.get_num_threads(), masks=_mask_summary(trainer, data))
-    if spec.test_rates:
-        record["missing_test"] = {str(r): masked_test(trainer.model, data, spec.cfg, r) for r in spec.test_rates}
-    (tmp / "results.json").write_text(json.dumps(record, indent=2))
-    final = folder / spec.name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ckpt.unlink(missing_ok=True)
-    sidecar.unlink(missing_ok=True)
-    return {"epoch": trainer.epoch, "val_acc": curve, "record": record}
-
-
-# --- where jobs run ----------------------------------------------------------------------------
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-class _InProcess:
-    """Jobs run here, one at a time, with torch's own thread count (and per-epoch progress)."""
-
-    def __init__(self, data: HeadData, on_epoch):
-        self.data, self.on_epoch, self.done = data, on_epoch, []
-
-    def submit(self, tag, job: _Job) -> None:
-        self.done.append((tag, advance(self.data, job, self.on_epoch)))
-
-    def wait(self):
-        return self.done.pop(0)
-
-    def close(self) -> None:
-        pass
-
-
-class _Workers:
-    """Worker processes (spawned, so no OpenMP state crosses a fork) that receive the data once.
-
-    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: when a worker dies or cannot start
-    (an import error in the child), the executor fails the pending jobs, while a ``Pool`` respawns the
-    worker forever and the grid would wait for ever.
-    """
-
-    def __init__(self, data: HeadData, count: int, threads: int):
-        import torch.multiprocessing as tmp  # registers the reductions that pass tensors through shared memory
-
-        self.pool = futures.ProcessPoolExecutor(count, tmp.get_context("spawn"), _init_worker, (data, threads, os.getpid()))
-        self.pending: dict[futures.Future, object] = {}
-
-    def submit(self, tag, job: _Job) -> None:
-        self.pending[self.pool.submit(_work, job)] = tag
-
-    def wait(self):
-        done, _ = futures.wait(self.pending, return_when=futures.FIRST_COMPLETED)
-        future = done.pop()
-        return self.pending.pop(future), future.result()
-
-    def close(self) -> None:
-        """Stop at once: after an error or Ctrl-C the running jobs are abandoned (their checkpoints stay)."""
-        processes = list((self.pool._processes or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join()
-
-
-def _run_chains(runner, chains: list[list[_Job]], slots: int, progress) -> dict[str, dict]:
-    """Run each chain's jobs in order, up to ``slots`` jobs at a time, longest remaining chain first."""
-    left = [sum(j.until - j.start for j in chain) for chain in chains]
-    position, busy, results = [0] * len(chains), set(), {}
-    while busy or any(position[i] < len(c) for i, c in enumerate(chains)):
-        while len(busy) < slots:
-            ready = [i for i, c in enumerate(chains) if i not in busy and position[i] < len(c)]
-            if not ready:
-                break
-            i = max(ready, key=lambda k: (left[k], -k))
-            busy.add(i)
-            runner.submit(i, chains[i][position[i]])
-        i, result = runner.wait()
-        job = chains[i][position[i]]
-        busy.discard(i)
-        position[i] += 1
-        left[i] -= job.until - job.start
-        results[job.spec.name] = result
-        progress(job)
-    return results
-
-
-def _chain(spec: RunSpec, folder: Path, start: int, until: int, finish: bool, pieces: int,
-           milestones: list[int] | None) -> list[_Job]:
-    """``start → until`` cut into ``pieces`` nearly equal jobs (the last one finishes when asked)."""
-    pieces = max(1, min(pieces, until - start))
-    cuts = [start + round((until - start) * (k + 1) / pieces) for k in range(pieces)]
-    starts = [start] + cuts[:-1]
-    return [_Job(spec, str(folder), s, u, finish and u == until, milestones) for s, u in zip(starts, cuts)]
-
-
-# --- the sweep ---------------------------------------------------------------------------------
-class _State:
-    """What the sweep folder already holds for each run: a finished record, or a checkpoint epoch."""
-
-    def __init__(self, folder: Path, specs: list[RunSpec], data: HeadData):
-        self.finished: dict[str, dict] = {}
-        self.epoch: dict[str, int] = {}
-        self.curve: dict[str, list[float]] = {}
-        for stale in folder.glob(".*.tmp"):  # a run stopped while it was being written out
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in (folder / ".checkpoints").glob(".*.tmp"):  # a worker stopped while saving a checkpoint
-            stale.unlink()
-        for spec in specs:
-            identity = _identity(spec.cfg, data)
-            run, (ckpt, sidecar) = folder / spec.name, _checkpoint(folder, spec.name)
-            if (run / "results.json").exists() and (run / "config.json").exists():
-                config = json.loads((run / "config.json").read_text())
-                stored = {"train": {k: v for k, v in config["train"].items() if k != "threads"},
-                          "caches": config["data"]["caches"]}
-                if stored == identity:
-                    self.finished[spec.name] = json.loads((run / "results.json").read_text())
-                    self.curve[spec.name] = _csv_column(run / "epochs.csv", "val_acc")
-            if sidecar.exists() and ckpt.exists():
-                info = json.loads(sidecar.read_text())
-                if info["identity"] == identity:
-                    self.epoch[spec.name], self.curve[spec.name] = info["epoch"], info["val_acc"]
-                    continue
-            ckpt.unlink(missing_ok=True)
-            sidecar.unlink(missing_ok=True)
-
-    def done(self, spec: RunSpec, stop: int, milestones) -> bool:
-        """Finished as planned: trained all epochs, or stopped at ``stop`` under the same pruning plan."""
-        record = self.finished.get(spec.name)
-        if record is None:
-            return False
-        if record.get("stopped_at") is None and record["epochs_run"] == spec.cfg.epochs:
-            return True
-        return record.get("stopped_at") == stop and record.get("milestones") == milestones
-
-    def reached(self, spec: RunSpec, epoch: int) -> bool:
-        return len(self.curve.get(spec.name, [])) >= epoch
-
-    def start(self, spec: RunSpec, until: int) -> int:
-        """Where training resumes: the checkpoint's epoch, if it is not past ``until``."""
-        return self.epoch.get(spec.name, 0) if self.epoch.get(spec.name, 0) <= until else 0
-
-    def update(self, name: str, result: dict) -> None:
-        self.curve[name] = result["val_acc"]
-        if "record" in result:
-            self.finished[name] = result["record"]
-            self.epoch.pop(name, None)
-        else:
-            self.epoch[name] = result["epoch"]
-
-
-def _csv_column(path: Path, column: str) -> list[float]:
-    import csv
-
-    with open(path, newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f)]
-
-
-def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int = 0, prune: bool = False,
-              progress: bool = True, label: str = "grid") -> list[dict]:
-    """Run (or resume) every spec into ``folder``; return their results records in spec order.
-
-    ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
-    ``prune``: successive halving over the specs' groups (see the module docstring).
-    ``label``: what the progress bar calls the sweep (grid, compare, robustness).
-
-    Everything that can be checked without training is checked before ``folder`` is made, and a
-    folder this call made is removed again if it is still empty when the sweep fails or is stopped:
-    a failed command leaves nothing behind, a stopped one keeps its finished runs and checkpoints.
-    """
-    if workers < 0:
-        raise OptionError(f"--workers must be 0 (one per core) or positive, got {workers}")
-    repeated = sorted(name for name, count in Counter(s.name for s in specs).items() if count > 1)
-    if repeated:
-        raise OptionError(f"runs given twice (a repeated seed or value?): {', '.join(repeated)}")
-    validate(specs, data)
-    epochs = {s.cfg.epochs for s in specs}
-    if prune and len(epochs) != 1:
-        raise OptionError("pruning needs one epoch budget for every run")
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return _sweep(data, specs, folder, workers, prune, progress, label)
-    except BaseException:
-        for path in made:
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        raise
-
-
-def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
-           label: str) -> list[dict]:
-    epochs = {s.cfg.epochs for s in specs}
-    total = max(epochs)
-    milestones = halving_milestones(total) if prune else None
-    groups: dict[str, list[RunSpec]] = {}
-    for spec in specs:
-        groups.setdefault(spec.group, []).append(spec)
-    state = _State(folder, specs, data)
-    workers = min(workers or default_workers(), len(specs))
-    threads = max(1, default_workers() // workers)
-
-    with _progress_bar(progress) as bar:
-        task = bar.add_task(label, total=None)
-
-        def tick(job: _Job) -> None:
-            if workers > 1:
-                bar.advance(task, job.until - job.start)
-
-        runner = _InProcess(data, lambda *_: bar.advance(task, 1)) if workers == 1 else None
-        try:
-            alive, dropped = list(groups), []  # dropped: (spec, the epoch it stops at)
-            for milestone in (milestones or [total]):
-                final = milestone == total or len(alive) == 1
-                target = total if final else milestone
-                plan = [(s, stop, True) for s, stop in dropped if not state.done(s, stop, milestones)]
-                for g in alive:
-                    for s in groups[g]:
-                        if final and not state.done(s, total, milestones):
-                            plan.append((s, total, True))
-                        elif not final and not state.reached(s, target):
-                            plan.append((s, target, False))
-                training = sum(until > state.start(s, until) for s, until, _ in plan)
-                pieces = workers if training > workers and training % workers else 1
-                chains = [_chain(s, folder, state.start(s, until), until, finish, pieces, milestones)
-                          for s, until, finish in plan]
-                bar.update(task, total=sum(j.until - j.start for c in chains for j in c), completed=0,
-                           description=f"{label if not prune else f'{label} rung ≤ epoch {target}'}: {len(plan)} run(s)")
-                if chains:
-                    if runner is None:
-                        runner = _Workers(data, workers, threads)
-                    for name, result in _run_chains(runner, chains, workers, tick).items():
-                        state.update(name, result)
-                if final:
-                    break
-                score = {g: statistics.mean(max(state.curve[s.name][:target]) for s in groups[g]) for g in alive}
-                ranked = sorted(alive, key=lambda g: (-score[g], alive.index(g)))
-                keep = max(1, len(alive) // 2)
-                dropped = [(s, target) for g in ranked[keep:] for s in groups[g]]
-                alive = [g for g in alive if g in ranked[:keep]]
-        finally:
-            if runner is not None:
-                runner.close()
-    checkpoints = folder / ".checkpoints"
-    if checkpoints.exists() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
-    records = []
-    for spec in specs:
-        record = state.finished[spec.name]
-        if spec.test_rates and not all(str(r) in record.get("missing_test", {}) for r in spec.test_rates):
-            record = _add_test_rates(folder / spec.name, data, spec)
-        records.append(record)
-    return records
-
-
-def _add_test_rates(run_dir: Path, data: HeadData, spec: RunSpec) -> dict:
-    """A finished run asked for more masked-test rates: evaluate its saved model, no retraining."""
-    record = json.loads((run_dir / "results.json").read_text())
-    model, cfg = load_run(run_dir)
-    rows = record.setdefault("missing_test", {})
-    for rate in spec.test_rates:
-        if str(rate) not in rows:
-            rows[str(rate)] = masked_test(model, data, cfg, rate)
-    _atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(record, indent=2)))
-    return record
-
-
-def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                    TimeElapsedColumn(), disable=not enabled, transient=True)
 
 
 # --- selection and the grid's own files ----------------------------------------------------------
@@ -807,7 +343,7 @@ class GridOutcome:
 
 def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int], base: TrainConfig, folder: Path,
              prune: bool = False, protocol: str = "joint", workers: int = 0, progress: bool = True,
-             yes: bool = False, keep_models: bool = False) -> GridOutcome:
+             yes: bool = False, keep_models: bool = False, stack: str = "auto") -> GridOutcome:
     """Run the grid (joint: the full product; ``ccat``: rank first, then β at the best rank), select on
     validation, and write ``grid.json``, ``grid.parquet``/``grid.csv``, ``grid.md`` and ``grid.png``.
 
@@ -822,9 +358,9 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     check_size(axes, seeds, protocol, yes)
     if protocol == "joint":
         validate_axes(method, axes, base, data)
-        records = run_sweep(data, expand(method, axes, base, seeds), folder, workers, prune, progress)
+        records = run_sweep(data, expand(method, axes, base, seeds), folder, workers, prune, progress, stack=stack)
     else:
-        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress)
+        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress, stack)
     selection = select(records if protocol == "joint" else [r for r in records if r["stage"] == 2])
     seconds = time.perf_counter() - start
     from heads import plots
@@ -833,7 +369,7 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     write_table(grid_rows(records, data.spec.modalities, selection.config), folder / "grid")
     configs = summarize(records)
     info = {"method": method, "protocol": protocol, "prune": prune, "seeds": seeds, "axes": axes,
-            "base": _identity(replace(base, method=method), data), "runs": [r["run"] for r in records],
+            "base": identity(replace(base, method=method), data), "runs": [r["run"] for r in records],
             "selected": dataclasses.asdict(selection), "summary": configs, "wall_seconds": seconds,
             "run_seconds": sum(r["seconds"] for r in records), "epochs_trained": sum(r["epochs_run"] for r in records)}
     (folder / "grid.json").write_text(json.dumps(info, indent=2))
@@ -846,7 +382,7 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     return GridOutcome(records, selection, folder, seconds)
 
 
-def _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress) -> list[dict]:
+def _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress, stack="auto") -> list[dict]:
     """CCAT's protocol: sweep ``rank`` with β fixed, then ``beta`` at the rank validation picked."""
     if not set(CCAT_STAGES) <= set(axis_kinds(method)):
         raise OptionError(f"--protocol ccat tunes --rank then --beta, which method {method!r} does not have; use --method ccat")
@@ -858,10 +394,12 @@ def _run_staged(data, method, axes, seeds, base, folder, prune, workers, progres
     beta_default = resolve_options(method, {})["beta"] if len(values["beta"]) > 1 else values["beta"][0]
     records = []
     first = {**fixed, "rank": values["rank"], "beta": [beta_default]}
-    stage1 = run_sweep(data, expand(method, first, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress)
+    stage1 = run_sweep(data, expand(method, first, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress,
+                       stack=stack)
     best_rank = select(stage1).values["rank"]
     second = {**fixed, "rank": [best_rank], "beta": values["beta"]}
-    stage2 = run_sweep(data, expand(method, second, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress)
+    stage2 = run_sweep(data, expand(method, second, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress,
+                       stack=stack)
     for stage, recs in ((1, stage1), (2, stage2)):
         records += [{**r, "stage": stage} for r in recs]
     return records

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from heads.core import OptionError, TrainConfig
 from heads.data import HeadData
-from heads.grid import RunSpec, run_sweep, write_table
+from heads.grid import write_table
+from heads.sweep import RunSpec, run_sweep
 from heads.runner import parse_method_spec
 
 PROTOCOLS = ("mla", "test-only")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from heads.core import OptionError, TrainConfig, resolve_options
 from heads.data import HeadData
-from heads.grid import MAX_RUNS, RunSpec, run_sweep
+from heads.grid import MAX_RUNS
+from heads.sweep import RunSpec, run_sweep
 from heads.report import results_table
 
 _SPEC = re.compile(r"^([a-z][a-z0-9_-]*)(?:\[(.*)\])?$")

@@ -74,6 +74,34 @@ class Standardizer(nn.Module):
         self.fitted.fill_(True)
         return self
 
+    @torch.no_grad()
+    def apply_split(self, split, chunk: int = 4096):
+        """The whole split standardised once (a new ``SplitTensors``), so a training loop over it
+        needs no per-batch map; the same arithmetic as ``forward``, chunked to bound memory."""
+        if not self.active:
+            return split
+        from heads.core import evaluation_order
+        from heads.data import SplitTensors
+
+        evaluation_order(split)  # of the raw features, as ``predict`` on raw splits uses
+        split._counts(slice(0, 0), 0)
+
+        x, tokens = {}, {}
+        for m in split.x:
+            parts_x, parts_t = [], []
+            for start in range(0, len(split), chunk):
+                rows = slice(start, start + chunk)
+                batch = self.forward(_View(split, rows, m))
+                parts_x.append(batch.x[m])
+                parts_t.append(batch.tokens[m])
+            x[m] = torch.cat(parts_x) if parts_x else split.x[m]
+            tokens[m] = torch.cat(parts_t) if parts_t else split.tokens[m]
+        out = SplitTensors(split.ids, x, tokens, split.present, split.y)
+        for key in ("_eval_order", "_present_host"):  # content-derived: identical for the mapped split
+            if key in split.__dict__:
+                out.__dict__[key] = split.__dict__[key]
+        return out
+
     def forward(self, batch):
         """The standardised batch (a new ``Batch``; absent rows stay zero)."""
         if not self.active:
@@ -89,3 +117,14 @@ class Standardizer(nn.Module):
             else:
                 tokens[m] = (batch.tokens[m] - self.shift(m)) * self.inv_scale(m) * keep[:, None, None]
         return Batch(x, tokens, batch.present, batch.y, batch.counts)
+
+
+class _View:
+    """One modality of a slice of a split, shaped like a batch for ``Standardizer.forward``."""
+
+    def __init__(self, split, rows: slice, m: str):
+        self.x = {m: split.x[m][rows]}
+        self.tokens = {m: split.tokens[m][rows]}
+        self.present = {m: split.present[m][rows]}
+        self.y = split.y[rows]
+        self.counts = None

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads import grid
+from heads import grid, sweep
 from heads.core import OptionError, Trainer, TrainConfig
 from heads.data import load_head_data
 from tests.conftest import ROOT
@@ -246,7 +246,7 @@ def test_failed_sweeps_leave_no_empty_folder(tiny, tmp_path, monkeypatch):
     def interrupted(data, job, on_epoch=None):  # Ctrl-C before any run finished
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(grid, "advance", interrupted)
+    monkeypatch.setattr(sweep, "advance", interrupted)
     result = invoke("robustness", "--methods", "concat", "--missing", "0.5", "--name", "r", *small)
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -315,7 +315,7 @@ class Bar:
 
 
 def test_progress_bars_say_what_runs(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(grid, "_progress_bar", lambda enabled: Bar())
+    monkeypatch.setattr(sweep, "_progress_bar", lambda enabled: Bar())
     small = ["--cache", tiny, "--epochs", 1, "--seeds", 1, "--workers", 1, "--out", tmp_path]
     Bar.descriptions = []
     assert invoke("compare", "--methods", "concat,late", "--name", "c", *small).exit_code == 0

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads import grid
+from heads import grid, sweep
 from heads.core import OptionError, Trainer, TrainConfig, fit
 from heads.data import SplitTensors, load_head_data
 from heads.robustness import parse_protocols, parse_rates, run_robustness
@@ -227,7 +227,7 @@ def test_changed_settings_are_not_taken_for_stored_runs(joint, data, tmp_path, m
 def test_interrupted_pruned_grid_completes_each_run_exactly_once(pruned, data, tmp_path, monkeypatch):
     folder = tmp_path / "interrupted"
     trained = count_epochs(monkeypatch)
-    real, calls = grid.advance, []
+    real, calls = sweep.advance, []
 
     def advance(data, job, on_epoch=None):
         calls.append(job.spec.name)
@@ -235,12 +235,12 @@ def test_interrupted_pruned_grid_completes_each_run_exactly_once(pruned, data, t
             raise KeyboardInterrupt
         return real(data, job, on_epoch)
 
-    monkeypatch.setattr(grid, "advance", advance)
+    monkeypatch.setattr(sweep, "advance", advance)
     with pytest.raises(KeyboardInterrupt):
         grid.run_grid(data, "edm", PRUNED_AXES, [0, 1], PRUNED_BASE, folder, prune=True, workers=1, progress=False)
     assert any(folder.glob("*/results.json")) and any((folder / ".checkpoints").glob("*.pt"))
     (folder / ".checkpoints" / ".tau=0.1-seed0.pt.4242.tmp").write_bytes(b"half")  # a worker killed mid-save
-    monkeypatch.setattr(grid, "advance", real)
+    monkeypatch.setattr(sweep, "advance", real)
     resumed = grid.run_grid(data, "edm", PRUNED_AXES, [0, 1], PRUNED_BASE, folder, prune=True, workers=1, progress=False)
     assert outcome_of(resumed.records) == outcome_of(pruned.records)  # as if never interrupted
     assert trained == {(r["values"]["tau"], 0.0, r["seed"]): r["epochs_run"] for r in pruned.records}
@@ -256,7 +256,7 @@ def test_interrupted_pruned_grid_completes_each_run_exactly_once(pruned, data, t
     (1, [1]),
 ])
 def test_halving_milestones(epochs, milestones):
-    assert grid.halving_milestones(epochs) == milestones
+    assert sweep.halving_milestones(epochs) == milestones
 
 
 def test_pruning_halves_configs_at_milestones_keeping_seeds_together(pruned):
@@ -272,7 +272,7 @@ def test_pruning_halves_configs_at_milestones_keeping_seeds_together(pruned):
 
     def score(config, epoch):
         """Mean over seeds of the best validation accuracy up to ``epoch``, from the runs' epochs.csv."""
-        return statistics.mean(max(grid._csv_column(pruned.folder / r["run"] / "epochs.csv", "val_acc")[:epoch])
+        return statistics.mean(max(sweep._csv_column(pruned.folder / r["run"] / "epochs.csv", "val_acc")[:epoch])
                                for r in by_config[config])
 
     kept_1 = [c for c, rs in by_config.items() if (rs[0]["stopped_at"] or 8) > 1]
@@ -289,7 +289,7 @@ def test_worker_processes_give_the_same_grid_as_one_process(data, tmp_path, monk
     Two cores are assumed so that each worker runs one thread, like this process: then the arithmetic,
     and so every accuracy, is the same.
     """
-    monkeypatch.setattr(grid, "default_workers", lambda: 2)
+    monkeypatch.setattr(sweep, "default_workers", lambda: 2)
     axes, base = {"tau": [0.1, 0.5]}, replace(BASE, epochs=6)
     alone = grid.run_grid(data, "edm", axes, [0, 1, 2], base, tmp_path / "one", prune=True, workers=1, progress=False)
     pooled = grid.run_grid(data, "edm", axes, [0, 1, 2], base, tmp_path / "two", prune=True, workers=2, progress=False)

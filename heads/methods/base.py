@@ -40,6 +40,9 @@ class HeadMethod(nn.Module, ABC):
     # True when the method reads the per-epoch Shapley values φ / deviations δ of validation in
     # ``end_epoch`` (edm's order); others get only the full-set validation accuracy each epoch.
     reads_phi: bool = False
+    # True when a sample's prediction depends on that sample alone (not on who shares its batch): the
+    # core then scores every modality subset in one batched pass. edm's alignment looks across the batch.
+    batch_independent: bool = True
     # How the method handles M modalities: ``max_modalities`` refuses more (a clear error at build
     # time); ``modality_rule`` is the one line ``cli.py methods`` prints (its rule for M > 2).
     max_modalities: int | None = None

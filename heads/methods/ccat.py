@@ -90,7 +90,7 @@ class CCATOptions:
 
 
 def contributions(fused: torch.Tensor, parts: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
-                  temperature: float = 1.0, normalize: bool = True) -> torch.Tensor:
+                  temperature: float = 1.0, normalize: bool = True, has: dict[str, bool] | None = None) -> torch.Tensor:
     """Per-sample modality contributions ``c`` ``[M, B]`` (CCAT eqs. 5–6), vectorised over the batch.
 
     ``MI^m_i = log n_m + log softmax_k (⟨f̄_i, z̄^m_k⟩ / τ) |_{k=i}`` with bars = L2-normalised, k over
@@ -103,7 +103,7 @@ def contributions(fused: torch.Tensor, parts: dict[str, torch.Tensor], present: 
     mask = torch.stack([present[m] for m in parts])  # [M, B]
     mi = []
     for m, z in parts.items():
-        if not bool(present[m].any()):  # (host-side masks in the callers; a sync only on an accelerator)
+        if not (has[m] if has is not None else bool(present[m].any())):  # ``has``: known on the host, no sync
             mi.append(torch.zeros_like(f[:, 0]))  # masked below
             continue
         sims = f @ unit(z).T / temperature  # [B, B]: row i, candidate k
@@ -201,7 +201,8 @@ class CCAT(HeadMethod):
              for m in self.modalities}
         fused, directions = self.fusion(z, batch.present)
         pooled = {m: t.mean(1) for m, t in z.items()}
-        gap = contribution_gap(contributions(fused, pooled, batch.present, self.opts.temperature), batch.present)
+        has = {m: batch.has(m) for m in self.modalities}
+        gap = contribution_gap(contributions(fused, pooled, batch.present, self.opts.temperature, has=has), batch.present)
         if sum(batch.full(m) for m in self.modalities) >= 2:  # every sample has two: known on the host
             return nn.functional.cross_entropy(self.cls(fused), batch.y) + self.opts.lambda_reg * gap.mean(), gap.mean()
         rows = directions > 0  # samples with at least two present modalities
@@ -266,7 +267,7 @@ class CCAT(HeadMethod):
             fused = mean_probability_logits(logits, batch.present)
             centred = {m: t - t.mean(-1, keepdim=True) for m, t in logits.items()}
             return contributions(fused - fused.mean(-1, keepdim=True), centred, batch.present, self.opts.temperature,
-                                 normalize=False)
+                                 normalize=False, has={m: batch.has(m) for m in self.modalities})
 
     def secondary_masks(self, batch) -> dict[str, torch.Tensor]:
         """For each modality, the samples that get the secondary update: present and ``c^m < β``."""

@@ -13,6 +13,7 @@ from heads.methods.base import HeadMethod, encode, projections
 
 class Concat(HeadMethod):
     summary = "joint training, concatenated projections, one linear classifier"
+    stackable = True  # the inherited train_step; loss and logits are plain tensor code
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

@@ -105,6 +105,11 @@ class EDM(HeadMethod):
         """The per-epoch order reads validation δ (so the core scores every subset each epoch)."""
         return self.opts.order in ("weak-to-strong", "strong-to-weak")
 
+    @property
+    def batch_independent(self) -> bool:
+        """Alignment mixes the states of the samples that share a batch."""
+        return not self.opts.align
+
     def initial_state(self, batch):
         """``(h_prev, started, H_0, C_0)`` before the first step; ``H_0, C_0`` are the inherited memory,
         one row ``[1, width]`` that broadcasts over the batch (the cell multiplies it once). ``started``
@@ -144,7 +149,7 @@ class EDM(HeadMethod):
     def train_step(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
         total = torch.zeros((), device=batch.y.device)
-        for m in self.order:
+        for m in getattr(self, "_train_order", None) or self.order:
             present = batch.present[m]
             if not batch.has(m):
                 continue
@@ -173,6 +178,7 @@ class EDM(HeadMethod):
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
         self.order_index.copy_(self.next_order_index)
+        self._train_order = self.order  # read once per epoch: the batch loop never reads the buffer
 
     def end_epoch(self, val_report) -> dict:
         if self.opts.order == "weak-to-strong":

@@ -14,6 +14,7 @@ from heads.methods.base import HeadMethod, encode, mean_probability_logits, proj
 
 class Late(HeadMethod):
     summary = "independent unimodal heads, fused by averaging probabilities"
+    stackable = True  # the inherited train_step; loss and logits are plain tensor code
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

@@ -64,6 +64,7 @@ class OGMGE(Concat):
     Options = OGMOptions
     summary = "concat with on-the-fly gradient modulation + generalization enhancement"
     modality_rule = "any M; for M > 2 each ρ_m compares s_m with the mean score of the others (choice)"
+    stackable = False  # its own train_step (gradient surgery between backward and step)
     training = Training(FIELD_PROTOCOL.optimizer, FIELD_PROTOCOL.lr, FIELD_PROTOCOL.weight_decay, FIELD_PROTOCOL.schedule,
                         FIELD_PROTOCOL.batch_size,
                         "OGM-GE official main.py: SGD momentum 0.9, lr 1e-3, wd 1e-4, StepLR 70 × 0.1, batch 64, 100 epochs")

@@ -11,6 +11,7 @@ from heads.methods.base import HeadMethod, encode, projections
 
 class Sum(HeadMethod):
     summary = "joint training, summed projections, one shared linear head"
+    stackable = True  # the inherited train_step; loss and logits are plain tensor code
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

@@ -1,0 +1,117 @@
+"""Stacked training (``heads/stacked.py``) gives what the runs give alone, here on the CPU (``--stack on``).
+
+The stacked runner replaces the batch loop and the optimizer of K runs by batched tensors; these
+tests hold it to the plain ``Trainer``: the same per-epoch validation accuracy, the same selected
+epochs and configs, parameters within float tolerance, for each optimizer, and with per-run data
+(masks drawn per seed)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from heads import grid
+from heads.core import TrainConfig, Trainer
+from heads.data import load_head_data
+from heads.stacked import StackedTrainer, can_stack, stack_key
+
+pytestmark = pytest.mark.trains
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from cache.synthetic import make_synthetic
+
+    return load_head_data([make_synthetic(tmp_path_factory.mktemp("c") / "av", "av", seed=0, scale=0.05)])
+
+
+def configs(method="concat", **extra):
+    base = TrainConfig(method=method, epochs=3, hidden=16, device="cpu", threads=1, **extra)
+    return [dataclasses.replace(base, seed=s, lr=lr, weight_decay=wd)
+            for s, lr, wd in ((0, 1e-3, 1e-4), (1, 1e-3, 1e-4), (0, 3e-3, 0.0), (1, 1e-2, 1e-3))]
+
+
+def assert_same(alone: list[Trainer], stacked: list[Trainer]) -> None:
+    for a, b in zip(alone, stacked):
+        assert [r["val_acc"] for r in a.rows] == [r["val_acc"] for r in b.rows]
+        assert [r["train_loss"] for r in a.rows] == pytest.approx([r["train_loss"] for r in b.rows], rel=1e-4)
+        assert a.best_epoch == b.best_epoch
+        for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+            torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_stacked_runs_train_as_they_do_alone(data, optimizer):
+    cfgs = [dataclasses.replace(c, optimizer=optimizer) for c in configs()]
+    alone = []
+    for c in cfgs:
+        t = Trainer(data, c)
+        t.run(3)
+        alone.append(t)
+    stack = StackedTrainer([Trainer(data, c) for c in cfgs])
+    stack.run(3)
+    assert_same(alone, stack.trainers)
+    assert all(t.stacked_with == 4 for t in stack.trainers)
+
+
+def test_stacked_runs_with_their_own_masks_train_as_alone(data):
+    """``--missing-train``: each seed masks other samples, so each run reads its own data copy."""
+    cfgs = configs("late", missing_train=0.3)
+    alone = []
+    for c in cfgs:
+        t = Trainer(data, c)
+        t.run(2)
+        alone.append(t)
+    stack = StackedTrainer([Trainer(data, c) for c in cfgs])
+    assert not stack.shared
+    stack.run(2)
+    assert_same(alone, stack.trainers)
+
+
+def test_stacked_training_resumes_in_stages(data):
+    """``run(1)`` then ``run(3)`` (what a pruned grid does) equals ``run(3)``."""
+    one = StackedTrainer([Trainer(data, c) for c in configs()])
+    one.run(3)
+    two = StackedTrainer([Trainer(data, c) for c in configs()])
+    two.run(1)
+    two.run(3)
+    assert_same(one.trainers, two.trainers)
+
+
+def test_what_may_be_stacked():
+    assert can_stack(TrainConfig(method="concat")) and can_stack(TrainConfig(method="late"))
+    for method in ("edm", "mla", "ccat", "ogm-ge"):  # their own update: one run at a time
+        assert not can_stack(TrainConfig(method=method))
+    a, b = TrainConfig(method="concat", seed=1, lr=0.1), TrainConfig(method="concat", seed=2, lr=0.3, weight_decay=0.5)
+    assert stack_key(a) == stack_key(b)
+    assert stack_key(a) != stack_key(dataclasses.replace(a, hidden=8))
+    assert stack_key(a) != stack_key(dataclasses.replace(a, batch_size=8))
+    with pytest.raises(ValueError, match="share every setting"):
+        StackedTrainer([_fake(a), _fake(dataclasses.replace(a, hidden=8))])
+
+
+def _fake(cfg):
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.epoch = cfg, 0
+    return t
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_a_stacked_grid_selects_what_the_one_by_one_grid_selects(data, tmp_path, prune):
+    axes = {"lr": [1e-3, 1e-2, 3e-2], "weight_decay": [1e-4]}
+    base = TrainConfig(method="concat", epochs=4, hidden=16, device="cpu")
+    one = grid.run_grid(data, "concat", axes, [0, 1], base, tmp_path / "one", prune=prune, workers=1, progress=False,
+                        stack="off")
+    stacked = grid.run_grid(data, "concat", axes, [0, 1], base, tmp_path / "stacked", prune=prune, workers=1,
+                            progress=False, stack="on")
+    assert one.selection.config == stacked.selection.config
+    by_run = {r["run"]: r for r in one.records}
+    for r in stacked.records:
+        alone = by_run[r["run"]]
+        assert r["stacked_with"] >= 2 and "stacked_with" not in alone
+        assert (r["best_epoch"], r["epochs_run"], r.get("stopped_at")) == (alone["best_epoch"], alone["epochs_run"],
+                                                                          alone.get("stopped_at"))
+        for split in ("val", "test"):
+            assert r[split]["acc"] == pytest.approx(alone[split]["acc"], abs=1e-9)
+            assert r[split]["loss"] == pytest.approx(alone[split]["loss"], rel=1e-4)
