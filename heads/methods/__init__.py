@@ -4,9 +4,12 @@ from __future__ import annotations
 from heads.methods.base import HeadMethod
 from heads.methods.ccat import CCAT
 from heads.methods.concat import Concat
+from heads.methods.crmt import CRMT
 from heads.methods.edm import EDM
 from heads.methods.late import Late
+from heads.methods.lfm import LFM
 from heads.methods.mla import MLA
+from heads.methods.mmpareto import MMPareto
 from heads.methods.ogm_ge import OGMGE
 from heads.methods.sum import Sum
 
@@ -18,4 +21,7 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mla": MLA,
     "ccat": CCAT,
     "edm": EDM,
+    "mmpareto": MMPareto,
+    "lfm": LFM,
+    "crmt": CRMT,
 }
