@@ -187,6 +187,7 @@ def train_head(
 @friendly
 def compare(
     methods: str = typer.Option(None, help="Comma-separated method specs, NAME[key=value;...] sets options (default: every method)."),
+    paper: str = typer.Option(None, "--paper", help="edm, mla or ccat: run the methods of that paper's main table that this tool has, each with its paper's settings, and print the paper's numbers beside ours."),
     seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
     cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
     hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
@@ -204,29 +205,61 @@ def compare(
 
     Methods with options: --methods 'concat,edm[order=weak-to-strong],edm[order=strong-to-weak]'
     (inside brackets separate options with ';' or ',').
+
+    --paper edm|mla|ccat runs the rows of that paper's main table instead (EDM paper Table I, MLA
+    Table 1, CCAT Table 1) and adds the paper's number for the cache's dataset beside ours; also
+    written to OUT/NAME/paper.md.
     """
+    from heads import papers
+    from heads.core import OptionError
     from heads.data import load_head_data
     from heads.methods import METHODS
+    from heads.report import paper_report
     from heads.runner import compare as run_compare
     from heads.runner import parse_seeds, run_folder, split_specs, timestamp
 
-    specs = split_specs(methods or ",".join(METHODS))
+    if paper is not None:
+        if methods:
+            raise OptionError("--paper runs the methods of that paper's table; give --paper or --methods, not both")
+        if same_optimizer:
+            raise OptionError("--paper trains each method with its paper's settings; drop --same-optimizer "
+                              "(or give --methods for a same-setting comparison)")
+        printed = papers.paper_table(paper)
+        first = next((row["ours"] for row in printed["rows"] if row["ours"] in METHODS), None)
+        if first is None:
+            raise OptionError(f"none of the methods of the {paper} table is registered yet")
+    else:
+        specs = split_specs(methods or ",".join(METHODS))
+        first = specs[0].split("[")[0]
     seed_list = parse_seeds(seeds)
     if same_optimizer:
         from heads.training import SHARED
 
         optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
         schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
-    base = _train_config(specs[0].split("[")[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
+    base = _train_config(first, epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
                          missing_train, missing_test, schedule=schedule, standardize=standardize, device=device,
                          precision=precision, epoch_subsets=epoch_subsets)
-    folder = run_folder(out, name or f"compare-{timestamp()}")
+    folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
-    table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
-    typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation"
-               f" · features standardised: {standardize}")
-    typer.echo(table.rstrip())
-    typer.echo(f"written to {folder}")
+    summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on "
+               f"validation · features standardised: {standardize}")
+    if paper is None:
+        table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
+        typer.echo(f"{summary}\n{table.rstrip()}")
+        typer.echo(f"written to {folder}")
+        return
+    # --paper: the rows of its table that we implement; the paper's number for the cache's dataset beside ours.
+    columns = papers.match_columns(printed, data.meta["dataset"], data.meta["backbones"])
+    rows = papers.plan(printed, METHODS, columns)
+    head = papers.plan_lines(paper, printed, rows)
+    typer.echo(head)
+    specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
+    _, results = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
+    body = f"{summary}\n{paper_report(printed, rows, columns, results, data)}"
+    (folder / "paper.md").write_text(f"{head}\n{body}\n")
+    typer.echo(body)
+    typer.echo(f"written to {folder} (paper.md beside table.md)")
 
 
 @app.command("grid", context_settings=EXTRA)

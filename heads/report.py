@@ -5,11 +5,39 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from heads.papers import cell, column_title, notes
+
 
 def _fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _grouped(results: list[dict], split: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Each row label's split results (its seeds) in first-seen order, and how the label was trained."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[r.get("label", r["method"])].append(r[split])
+    return groups, {r.get("label", r["method"]): r.get("training", "") for r in results}
+
+
+def _metric_columns(modalities: list[str]) -> list[str]:
+    return [c for m in modalities for c in (f"acc {m}", f"|δ {m}|")] + ["acc multi", "macro-F1", "EDM"]
+
+
+def _metric_cells(rows: list[dict], modalities: list[str]) -> list[str]:
+    """The cells of ``_metric_columns`` for one label's seeds (mean ± std)."""
+    cells = []
+    for m in modalities:
+        cells.append(_fmt([r[f"acc_{m}"] for r in rows]))
+        cells.append(_fmt([abs(r[f"delta_{m}"]) for r in rows]))
+    return cells + [_fmt([r["acc"] for r in rows]), _fmt([r["f1"] for r in rows]), _fmt([r["edm"] for r in rows])]
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
 
 
 def results_table(results: list[dict], modalities: list[str], split: str = "test") -> str:
@@ -19,25 +47,80 @@ def results_table(results: list[dict], modalities: list[str], split: str = "test
     modality's accuracy with its |δ_m| beside it, then multimodal accuracy, macro-F1 and EDM; the
     last column says how the row was trained (optimizer, rate, schedule, batch, standardisation).
     """
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
-        groups[r.get("label", r["method"])].append(r[split])
-    trained = {r.get("label", r["method"]): r.get("training", "") for r in results}
-    head = ["method", "seeds"] + [c for m in modalities for c in (f"acc {m}", f"|δ {m}|")] + ["acc multi", "macro-F1", "EDM"]
+    groups, trained = _grouped(results, split)
     show_training = any(trained.values())
-    if show_training:
-        head.append("trained with")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, rows in groups.items():
-        cells = [name, str(len(rows))]
-        for m in modalities:
-            cells.append(_fmt([r[f"acc_{m}"] for r in rows]))
-            cells.append(_fmt([abs(r[f"delta_{m}"]) for r in rows]))
-        cells += [_fmt([r["acc"] for r in rows]), _fmt([r["f1"] for r in rows]), _fmt([r["edm"] for r in rows])]
-        if show_training:
-            cells.append(trained[name])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    head = ["method", "seeds"] + _metric_columns(modalities) + (["trained with"] if show_training else [])
+    rows = [[name, str(len(runs))] + _metric_cells(runs, modalities) + ([trained[name]] if show_training else [])
+            for name, runs in groups.items()]
+    return _markdown(head, rows)
+
+
+_PAPER_METRIC = {"acc": ("acc multi", "paper acc"), "edm": ("EDM", "paper EDM")}
+
+
+def paper_results_table(results: list[dict], modalities: list[str], table: dict, rows: list, columns: list[dict],
+                        split: str = "test") -> str:
+    """Our table in the order of a paper's table, with the paper's reported numbers beside ours.
+
+    ``rows`` are ``heads.papers.PaperRow`` (a row that did not run shows why in its seeds cell);
+    ``columns`` the paper's columns of the cache's dataset: for each, a "paper acc" column after our
+    multimodal accuracy (and "paper EDM" after our EDM where the table reports EDM).
+    """
+    groups, trained = _grouped(results, split)
+    ours = _metric_columns(modalities)
+    head = ["method", f"paper row ({table['table']})", "seeds"]
+    for name in ours:
+        head.append(name)
+        for metric in table["metrics"]:
+            if _PAPER_METRIC[metric][0] == name:
+                head += [f"{_PAPER_METRIC[metric][1]} · {column_title(c)}" for c in columns]
+    head.append("trained with")
+    lines = []
+    for prow in rows:
+        runs = groups.get(prow.spec, [])
+        mine = dict(zip(ours, _metric_cells(runs, modalities))) if runs else {}
+        cells = [prow.spec or prow.row["ours"] or "-", prow.row["row"], str(len(runs)) if runs else (prow.status or "not run")]
+        for name in ours:
+            cells.append(mine.get(name, "-"))
+            for metric in table["metrics"]:
+                if _PAPER_METRIC[metric][0] == name:
+                    cells += [cell(prow.row, c, metric) for c in columns]
+        cells.append(trained.get(prow.spec, "") or "-")
+        lines.append(cells)
+    return _markdown(head, lines)
+
+
+def paper_reference_table(table: dict, rows: list) -> str:
+    """A paper's multimodal accuracy on each of its datasets, as printed, for a cache that is none of them.
+
+    ``rows`` are ``heads.papers.PaperRow``: the "ours" column names the spec that ran, or why none did.
+    """
+    head = ["paper row", "ours"] + [f"paper acc · {column_title(c)}" for c in table["columns"]]
+    lines = [[prow.row["row"], prow.spec or f"{prow.row['ours'] or '-'} ({prow.status})"]
+             + [cell(prow.row, c, "acc") for c in table["columns"]] for prow in rows]
+    return _markdown(head, lines)
+
+
+def paper_report(table: dict, rows: list, columns: list[dict], results: list[dict], data) -> str:
+    """`compare --paper`'s table with the paper's numbers beside ours, what those columns are, and the notes.
+
+    With no column of the cache's dataset (``columns`` empty), the paper's table follows for reference.
+    """
+    meta = data.meta
+    lines = [paper_results_table(results, data.spec.modalities, table, rows, columns).rstrip()]
+    if columns:
+        lines.append("paper columns: " + "; ".join(column_title(c) + (f" — {c['note']}" if c.get("note") else "")
+                                                   for c in columns)
+                     + f"; the cache's dataset is {meta['dataset']} (backbones: {', '.join(map(str, meta['backbones']))})")
+    else:
+        datasets = ", ".join(dict.fromkeys(c["dataset"] for c in table["columns"]))
+        lines += [f"no paper column: this cache's dataset {meta['dataset']!r} is none of {table['table']}'s ({datasets}). "
+                  "For reference only, the paper's multimodal accuracy on its own datasets, not comparable with the "
+                  "rows above:", paper_reference_table(table, rows).rstrip()]
+    lines += [f"paper note · {n}" for n in notes(table, columns or table["columns"])]
+    if table.get("remark"):
+        lines.append(f"paper remark: {table['remark']}")
+    return "\n".join(lines)
 
 
 # --- sweeps and the `report` command -----------------------------------------------------------
