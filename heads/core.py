@@ -432,6 +432,8 @@ class Trainer:
         self.rows: list[dict] = []
         self.epoch, self.best, self.best_epoch, self.best_state = 0, -1.0, 0, None
         self.seconds = 0.0
+        # Where the epochs' time went: the batch loop, and everything else (validation, selection).
+        self.phase_seconds = {"train": 0.0, "other": 0.0}
         # Each trainer owns its RNG streams so that interleaved trainers (a pruned grid) reproduce
         # exactly what they would do alone.
         self.rng_state = torch.get_rng_state()
@@ -483,15 +485,20 @@ class Trainer:
             model.start_epoch(epoch)  # may rebuild the optimizer (ccat's stage switch): set the rate after it
             set_lr(model.optimizer, scheduled_lr(self.cfg.lr, self.cfg.schedule, epoch, self.cfg.epochs))
             total = torch.zeros((), device=self.device)  # summed on the device, read once per epoch
+            tick = time.perf_counter()
             with autocast(self.device, self.precision):
                 for batch in train.batches(self.cfg.batch_size, self.shuffle):
                     total += model.train_step(batch) * len(batch)
+            train_loss = float(total) / max(len(train), 1)  # the epoch's one wait for the device
+            tock = time.perf_counter()
             report = self._epoch_report()
             extra = model.end_epoch(report)
-            self.rows.append({"epoch": epoch, "train_loss": float(total) / max(len(train), 1), **report.row("val_"), **extra})
+            self.rows.append({"epoch": epoch, "train_loss": train_loss, **report.row("val_"), **extra})
             if report.acc >= self.best:  # ties: the later epoch (README, "Selection and reproducibility")
                 self.best, self.best_epoch = report.acc, epoch
                 self.best_state = copy.deepcopy(model.state_dict())
+            self.phase_seconds["train"] += tock - tick
+            self.phase_seconds["other"] += time.perf_counter() - tock
             self.epoch = epoch
             if on_epoch is not None:
                 on_epoch(self, report)

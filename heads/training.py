@@ -84,7 +84,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     """The optimizer a resolved config names (SGD with momentum 0.9, as every source we follow).
 
     SGD is not fused: the fused kernel fails when a step leaves some parameters without a gradient
-    (alternating methods update one modality at a time) while their momentum buffers exist.
+    (alternating methods update one modality at a time) while their momentum buffers exist. It is
+    ``foreach`` (one multi-tensor kernel per update, not one per parameter), which skips parameters
+    without a gradient as the single-tensor loop does.
     """
     params = list(params)
     if cfg.optimizer == "adam":
@@ -92,7 +94,7 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=SGD_MOMENTUM, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=SGD_MOMENTUM, weight_decay=cfg.weight_decay, foreach=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use {', '.join(OPTIMIZERS)}")
 
 

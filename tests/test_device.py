@@ -84,7 +84,7 @@ def test_a_run_records_the_device_and_precision_it_used(tmp_path):
 HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist")
 
 
-@pytest.mark.parametrize("method", ["concat", "sum", "late", "ogm-ge", "mla", "edm", "ccat"])
+@pytest.mark.parametrize("method", sorted(__import__("heads.methods").methods.METHODS))
 def test_a_training_step_never_reads_a_tensor_on_the_host(method, monkeypatch):
     """On a GPU a host read waits for the device; the batch loop must not make one. Every way a tensor
     reaches Python is made to fail during ``train_step`` (ccat: its stage-1 step; its stage-2 secondary
