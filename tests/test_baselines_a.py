@@ -177,27 +177,32 @@ def test_qmf_ranking_term_by_hand():
     everyone = torch.ones(3, dtype=torch.bool)
     assert rank_by_hand(conf.tolist(), loss.tolist(), [True] * 3) == pytest.approx(1.0)
     assert float(model.rank_loss(conf, loss, everyone)) == pytest.approx(1.0)
-    # A fourth sample without the modality: no pair with it, and its loss (100) is not in the normalisation.
-    conf4, loss4 = torch.tensor([3.0, 0.5, 2.0, 7.0]), torch.tensor([1.0, 0.2, 0.6, 100.0])
-    present4 = torch.tensor([True, True, True, False])
-    assert float(model.rank_loss(conf4, loss4, present4)) == pytest.approx((1.5 + 1.0) / 2)
+    # Two more samples without the modality: no pair with them, and their losses (100 and 0.01) are
+    # not in the normalisation (max and min over the present samples only).
+    conf5, loss5 = torch.tensor([3.0, 0.5, 2.0, 7.0, 9.0]), torch.tensor([1.0, 0.2, 0.6, 100.0, 0.01])
+    present5 = torch.tensor([True, True, True, False, False])
+    assert float(model.rank_loss(conf5, loss5, present5)) == pytest.approx((1.5 + 1.0) / 2)
 
 
 def test_qmf_loss_is_fused_ce_plus_unimodal_ce_plus_lambda_ranking():
     """``CE(Σ w f) + Σ_m CE(f_m) + λ Σ_m L_rank(w_m, ℓ_m)``, λ = 0.1, v absent on two samples."""
     model, b = build("qmf"), make_batch(n=8)
+    with torch.no_grad():  # confidences far enough apart that the ranking term is not zero
+        for m in "av":
+            model.cls[m].weight *= 20
     b.present["v"][2:4] = False
     b.x["v"][2:4] = 0
     f = {m: linear(model.cls[m], proj(model, m, b.x[m])) for m in "av"}
     w = {m: 0.1 * torch.logsumexp(f[m], -1) * b.present[m] for m in "av"}
     fused = w["a"][:, None] * f["a"] + w["v"][:, None] * f["v"]
-    want = F.cross_entropy(fused, b.y).item()
+    want, rank = F.cross_entropy(fused, b.y).item(), 0.0
     for m in "av":
         rows = b.present[m]
         per = F.cross_entropy(f[m], b.y, reduction="none")
         want += per[rows].mean().item()
-        want += 0.1 * rank_by_hand(w[m].tolist(), per.tolist(), rows.tolist())
-    assert float(model.loss(b).detach()) == pytest.approx(want, rel=1e-5)
+        rank += rank_by_hand(w[m].tolist(), per.tolist(), rows.tolist())
+    assert rank > 0.05  # the term this test pins is not vanishing
+    assert float(model.loss(b).detach()) == pytest.approx(want + 0.1 * rank, rel=1e-5)
 
 
 # --- training runs ------------------------------------------------------------------------------
