@@ -194,6 +194,7 @@ class StackedTrainer:
         for epoch in range(first.epoch + 1, min(until, self.cfg.epochs) + 1):
             for t in self.trainers:
                 t.model.start_epoch(epoch)
+            self.template.start_epoch(epoch)  # what a loss reads of the epoch (lfm's α_t) lives on the module
             lr, wd = self._rates(epoch)
             orders = [torch.randperm(n, generator=t.shuffle) for t in self.trainers]  # each run's own shuffle
             host = torch.stack(orders)

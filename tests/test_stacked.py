@@ -115,3 +115,21 @@ def test_a_stacked_grid_selects_what_the_one_by_one_grid_selects(data, tmp_path,
         for split in ("val", "test"):
             assert r[split]["acc"] == pytest.approx(alone[split]["acc"], abs=1e-9)
             assert r[split]["loss"] == pytest.approx(alone[split]["loss"], rel=1e-4)
+
+
+STACKABLE = sorted(m for m in __import__("heads.methods").methods.METHODS if can_stack(TrainConfig(method=m)))
+
+
+@pytest.mark.parametrize("method", STACKABLE)
+def test_every_stackable_method_trains_stacked_as_alone(data, method):
+    """Each method that declares itself stackable really is: vmap runs its loss, and the result is
+    the runs' own (this is what keeps a new method's ``stackable = True`` honest)."""
+    cfgs = configs(method)[:2]
+    alone = []
+    for c in cfgs:
+        t = Trainer(data, dataclasses.replace(c, epochs=2))
+        t.run(2)
+        alone.append(t)
+    stack = StackedTrainer([Trainer(data, dataclasses.replace(c, epochs=2)) for c in cfgs])
+    stack.run(2)
+    assert_same(alone, stack.trainers)
