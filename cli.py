@@ -96,7 +96,7 @@ def resolve_caches(spec: str) -> list[Path]:
 
 def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
                   missing_test, options=None, schedule=None, standardize="feature", device="auto", precision="fp32",
-                  epoch_subsets=False):
+                  epoch_subsets=False, shapley_permutations=128):
     """A ``TrainConfig`` from the shared options; ``None`` leaves a setting to the method's paper default."""
     from heads.core import OptionError, TrainConfig
     from heads.device import PRECISIONS, DeviceError, resolve_device
@@ -105,6 +105,8 @@ def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weigh
     resolve_device(device)  # a device that is not here fails before the cache loads
     if precision not in PRECISIONS:
         raise DeviceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if shapley_permutations < 1:
+        raise OptionError(f"--shapley-permutations must be positive, got {shapley_permutations}")
 
     if epochs < 1 or (batch_size is not None and batch_size < 1) or hidden < 1:
         raise OptionError("--epochs, --batch-size and --hidden must be positive")
@@ -116,7 +118,8 @@ def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weigh
     return TrainConfig(method=method, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                        optimizer=optimizer, hidden=hidden, weight_decay=weight_decay, schedule=schedule,
                        missing_train=missing_train, missing_test=missing_test, standardize=standardize,
-                       options=options or {}, device=device, precision=precision, epoch_subsets=epoch_subsets)
+                       options=options or {}, device=device, precision=precision, epoch_subsets=epoch_subsets,
+                       shapley_permutations=shapley_permutations)
 
 
 # Options shared by every training command.
@@ -137,6 +140,7 @@ QUIET = typer.Option(False, "--quiet", help="No progress bar.")
 WORKERS = typer.Option(0, help="Worker processes, one thread each (0 = one per core on the CPU, 1 = in this process; on a GPU runs share this process).")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N.")
 PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or auto (bf16 only on a CPU with native bf16 where a probe finds it faster; recorded in results.json).")
+SHAPLEY = typer.Option(128, "--shapley-permutations", help="With more than 8 modalities, φ is estimated from this many sampled permutations (reported with its standard error); up to 8 it is exact.")
 EPOCH_SUBSETS = typer.Option(False, "--epoch-subsets", help="Score every modality subset on validation after each epoch (φ, δ, EDM per epoch in epochs.csv); methods that read φ, like edm, always do.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -154,6 +158,7 @@ def train_head(
     out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same --name (whole, not merged)."),
     device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
+    shapley_permutations: int = SHAPLEY,
 ):
     """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
 
@@ -173,7 +178,8 @@ def train_head(
     method_class(method)
     options = parse_option_args(method, list(ctx.args))
     cfg = _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
-                        missing_test, options, schedule, standardize, device, precision, epoch_subsets)
+                        missing_test, options, schedule, standardize, device, precision, epoch_subsets,
+                        shapley_permutations)
     if name is not None:
         new_run(name)  # refused before the cache loads
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
@@ -195,6 +201,7 @@ def compare(
     name: str = typer.Option(None, help="Folder name under --out (default: compare-time); an existing folder of that name is resumed."),
     out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
     standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
+    shapley_permutations: int = SHAPLEY,
     same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, or the options given) instead of each paper's."),
 ):
     """Train several methods over several seeds; print and write the paper-style table (mean ± std).
@@ -239,7 +246,7 @@ def compare(
         schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
     base = _train_config(first, epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
                          missing_train, missing_test, schedule=schedule, standardize=standardize, device=device,
-                         precision=precision, epoch_subsets=epoch_subsets)
+                         precision=precision, epoch_subsets=epoch_subsets, shapley_permutations=shapley_permutations)
     folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on "
@@ -278,6 +285,7 @@ def grid_cmd(
     yes: bool = typer.Option(False, "--yes", help="Start a grid of more than 200 runs (without it such a grid is refused, with its size)."),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep model.pt of every run (default: only the selected config's runs keep theirs)."),
     device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
+    shapley_permutations: int = SHAPLEY,
     stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
 ):
     """Tune a method over seeds and select on validation; axes follow as --name values.
@@ -296,7 +304,7 @@ def grid_cmd(
     check_size(axes, seed_list, protocol, yes)  # before the cache loads
     # Settings that are not axes keep the defaults of train-head, read from the shared options.
     base = _train_config(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0, device=device,
-                         precision=precision, epoch_subsets=epoch_subsets)
+                         precision=precision, epoch_subsets=epoch_subsets, shapley_permutations=shapley_permutations)
     folder = run_folder(out, name or f"grid-{method}-{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet,
@@ -322,7 +330,7 @@ def robustness_cmd(
     workers: int = WORKERS,
     name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
     out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
-    device: str = DEVICE, precision: str = PRECISION,
+    device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY,
 ):
     """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -336,7 +344,8 @@ def robustness_cmd(
     names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
     rates, protocols, seed_list = parse_rates(missing), parse_protocols(protocol), parse_seeds(seeds)
     base = _train_config(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0,
-                         schedule=schedule, standardize=standardize, device=device, precision=precision)
+                         schedule=schedule, standardize=standardize, device=device, precision=precision,
+                         shapley_permutations=shapley_permutations)
     folder = run_folder(out, name or f"robustness-{timestamp()}")
     data = load_head_data(resolve_caches(cache), _split_list(modalities))
     run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)

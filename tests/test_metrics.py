@@ -87,3 +87,22 @@ def test_accuracy_and_macro_f1_edge_cases_by_hand():
     # Class 1 absent from both is skipped, and the classes after it still count:
     # class 0 tp 2 fp 1 fn 0 → 0.8, class 2 tp 0 fp 0 fn 1 → 0: 40.
     assert metrics.macro_f1(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]), 3) == pytest.approx(40.0)
+
+
+def test_permutation_estimate_and_its_standard_error_by_hand():
+    """Two permutations of a 2-player game: gains of a are v(a)−v(∅) = 10 (a first) and v(ab)−v(b) = 30
+    (a second): φ_a = 20, stderr = sd(10, 30)/√2 = 14.142…/1.414… = 10."""
+    v = {frozenset(): 0.0, frozenset("a"): 10.0, frozenset("b"): 50.0, frozenset("ab"): 80.0}
+    phi, stderr = metrics.shapley_from_permutations(v, [["a", "b"], ["b", "a"]])
+    assert phi == {"a": 20.0, "b": 60.0}
+    assert stderr["a"] == pytest.approx(10.0) and stderr["b"] == pytest.approx(10.0)
+    assert metrics.permutation_subsets([["a", "b"]]) == [frozenset(), frozenset("a"), frozenset("ab")]
+    additive = {s: 3.0 * ("a" in s) + 5.0 * ("b" in s) + 7.0 * ("c" in s) for s in metrics.all_subsets(["a", "b", "c"])}
+    phi, stderr = metrics.shapley_from_permutations(additive, metrics.sample_permutations(["a", "b", "c"], 5, seed=3))
+    assert phi == {"a": 3.0, "b": 5.0, "c": 7.0} and all(e == 0.0 for e in stderr.values())
+
+
+def test_macro_f1_counts_by_hand():
+    """Classes 0, 1, 2 (2 absent from both): F1_0 = 2·1/(2·1+1+0) = 2/3, F1_1 = 2·1/(2·1+0+1) = 2/3."""
+    pred, target = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])
+    assert metrics.macro_f1(pred, target, 3) == pytest.approx(100 * 2 / 3)
