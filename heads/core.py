@@ -442,8 +442,8 @@ class Trainer:
     def _prepare(self) -> None:
         """The splits the loop reads: standardised once with the fitted statistics and moved to the
         device once (``train``/``val``/``test`` stay the raw host splits, for reports on masks)."""
-        std = self.model.standardizer
-        self.ready = {name: std.apply_split(getattr(self, name)).to(self.device) for name in ("train", "val", "test")}
+        std = self.model.standardizer  # already on the device: the map runs there, on the moved split
+        self.ready = {name: std.apply_split(getattr(self, name).to(self.device)) for name in ("train", "val", "test")}
 
     # A checkpoint is the trainer without its data (rebuilt from the cache), its device-side splits
     # and its generator (saved as a state): tensors are saved on the host and re-homed on load.

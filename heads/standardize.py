@@ -45,7 +45,17 @@ class Standardizer(nn.Module):
 
     @property
     def active(self) -> bool:
-        return self.mode != "none" and bool(self.fitted)
+        """Fitted and not ``none``; the flag is read from the buffer once and then known on the host
+        (a read per batch would wait for the device)."""
+        if self.mode == "none":
+            return False
+        if "_fitted_host" not in self.__dict__:
+            self._fitted_host = bool(self.fitted)
+        return self._fitted_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_fitted_host", None)  # the loaded buffer decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def shift(self, m: str) -> torch.Tensor:
         return getattr(self, f"shift_{m}")
@@ -72,6 +82,7 @@ class Standardizer(nn.Module):
             self.shift(m).copy_(mean.to(self.shift(m).dtype))
             self.inv_scale(m).copy_(inv.to(self.inv_scale(m).dtype))
         self.fitted.fill_(True)
+        self._fitted_host = True
         return self
 
     @torch.no_grad()

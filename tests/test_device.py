@@ -196,3 +196,35 @@ def test_a_moved_split_carries_its_host_order_and_masks():
     assert torch.equal(split.__dict__["_eval_order"], evaluation_order(random_data().val))  # made on the host
     assert moved.__dict__["_present_host"] is split.__dict__["_present_host"]
     assert moved._counts(torch.tensor([0, 1, 2]), 3) == {m: 3 for m in split.x}  # counts never touch the device
+
+
+def test_the_trainer_prepares_its_splits_on_its_device():
+    """Splits are moved first and standardised where the model is (no host/device mix): checked on
+    the ``meta`` device, which has shapes but no data, so any tensor left on the host would fail."""
+    trainer = Trainer(random_data(), TrainConfig(method="concat", epochs=1, hidden=8, device="cpu"))
+    trainer.device = torch.device("meta")
+    trainer.model.to("meta")
+    trainer._prepare()
+    for split in trainer.ready.values():
+        assert {t.device.type for t in (*split.x.values(), *split.present.values(), split.y)} == {"meta"}
+    batch = next(trainer.ready["train"].batches(8, torch.Generator().manual_seed(0)))
+    assert trainer.model.logits(batch).device.type == "meta"
+
+
+@pytest.mark.parametrize("method", sorted(__import__("heads.methods").methods.METHODS))
+def test_every_method_trains_and_predicts_where_its_tensors_are(method):
+    """A tensor a method makes on the host (``torch.zeros(n)`` without ``device=``) breaks it on a GPU.
+    Here the model and the batch live on ``meta`` (shapes, no data): any host tensor meeting them fails.
+    (The per-epoch hooks run before the move: they may read the device once per epoch.)"""
+    trainer = Trainer(random_data(modalities=2), TrainConfig(method=method, epochs=4, hidden=8, device="cpu"))
+    model = trainer.model
+    model.train()
+    model.start_epoch(1)
+    trainer.device = torch.device("meta")
+    model.to("meta")
+    trainer._prepare()
+    model.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    batch = next(trainer.ready["train"].batches(8, torch.Generator().manual_seed(0)))
+    model.train_step(batch)
+    model.train_step(batch)
+    assert model.logits(batch).device.type == "meta"

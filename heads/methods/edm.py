@@ -97,9 +97,17 @@ class EDM(HeadMethod):
 
     @property
     def order(self) -> list[str]:
-        return [self.modalities[i] for i in self.order_index.tolist()]
+        """The chain order (the ``order_index`` buffer), known on the host: read from the buffer once
+        after each change (``start_epoch``, a loaded state), never once per batch."""
+        cached = self.__dict__.get("_order_host")
+        if cached is None:
+            cached = self.__dict__["_order_host"] = [self.modalities[i] for i in self.order_index.tolist()]
+        return cached
 
-    # --- the chain ---------------------------------------------------------------------------------
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_order_host", None)  # the loaded order_index decides again
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def reads_phi(self) -> bool:
         """The per-epoch order reads validation δ (so the core scores every subset each epoch)."""
@@ -149,7 +157,7 @@ class EDM(HeadMethod):
     def train_step(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
         total = torch.zeros((), device=batch.y.device)
-        for m in getattr(self, "_train_order", None) or self.order:
+        for m in self.order:
             present = batch.present[m]
             if not batch.has(m):
                 continue
@@ -178,7 +186,8 @@ class EDM(HeadMethod):
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
         self.order_index.copy_(self.next_order_index)
-        self._train_order = self.order  # read once per epoch: the batch loop never reads the buffer
+        self.__dict__.pop("_order_host", None)
+        self.order  # re-read once, here, not in the batch loop
 
     def end_epoch(self, val_report) -> dict:
         if self.opts.order == "weak-to-strong":
