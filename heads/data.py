@@ -117,7 +117,7 @@ class SplitTensors:
         device = torch.device(device)
         if device == self.device:
             return self
-        from heads.core import evaluation_order
+        from heads.evaluation import evaluation_order
 
         order = evaluation_order(self)
         self._counts(slice(0, 0), 0)  # builds the host masks

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from heads import metrics
-from heads.core import Report, Trainer, TrainConfig, model_autocast
+from heads.core import Trainer, TrainConfig
+from heads.evaluation import Report, model_autocast
 from heads.data import Batch, HeadData
 from heads.training import SGD_MOMENTUM, scheduled_lr
 

@@ -91,7 +91,7 @@ class Standardizer(nn.Module):
         needs no per-batch map; the same arithmetic as ``forward``, chunked to bound memory."""
         if not self.active:
             return split
-        from heads.core import evaluation_order
+        from heads.evaluation import evaluation_order
         from heads.data import SplitTensors
 
         evaluation_order(split)  # of the raw features, as ``predict`` on raw splits uses

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from heads.core import OptionError, Trainer, TrainConfig, build_model, evaluate, load_run, resolve_options, resolve_training
+from heads.core import OptionError, Trainer, TrainConfig, build_model, load_run, resolve_options, resolve_training
+from heads.evaluation import evaluate
 from heads.data import HeadData
 
 

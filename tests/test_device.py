@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from heads import metrics
-from heads.core import (TrainConfig, Trainer, build_model, evaluate, predict, predict_subsets)
+from heads.core import TrainConfig, Trainer, build_model
+from heads.evaluation import evaluate, predict, predict_subsets
 from heads.data import Batch, DataSpec, HeadData, SplitTensors
 from heads.device import DeviceError, resolve_device, resolve_precision
 
@@ -138,7 +139,7 @@ def test_batched_subsets_give_the_predictions_of_one_pass_per_subset():
 
 
 def test_stacked_subset_batch_makes_the_outside_modalities_absent():
-    from heads.core import _stack_subsets
+    from heads.evaluation import _stack_subsets
 
     x = {"a": torch.ones(2, 3), "b": 2 * torch.ones(2, 3)}
     batch = Batch(x, {m: t[:, None] for m, t in x.items()}, {m: torch.ones(2, dtype=torch.bool) for m in x},
@@ -151,14 +152,14 @@ def test_stacked_subset_batch_makes_the_outside_modalities_absent():
 
 def test_edm_with_alignment_keeps_one_pass_per_subset(monkeypatch):
     """Alignment mixes a batch's samples, so stacking subsets into one batch would change v(S)."""
-    from heads import core
+    from heads import evaluation
 
     data = random_data(modalities=2)
     model = build_model(TrainConfig(method="edm", hidden=8, device="cpu"), data.spec)
     assert not model.batch_independent
     calls = []
-    real = core.predict
-    monkeypatch.setattr(core, "predict", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     evaluate(model, data.val, data.spec, 8)
     assert len(calls) == 3  # {m0}, {m1}, {m0, m1}
 
@@ -169,7 +170,7 @@ def test_beyond_eight_modalities_phi_is_sampled_with_its_standard_error():
     model.standardizer.fit(data.train)
     report = evaluate(model, data.val, data.spec, 10, permutations=12)
     assert report.shapley == "sampled (12 permutations)" and set(report.phi_stderr) == set(data.spec.modalities)
-    orders = metrics.sample_permutations(data.spec.modalities, 12, seed=__import__("heads.core").core.EVAL_ORDER_SEED)
+    orders = metrics.sample_permutations(data.spec.modalities, 12, seed=__import__("heads.evaluation").evaluation.EVAL_ORDER_SEED)
     assert len(report.v) == len(set(metrics.permutation_subsets(orders)) | {frozenset([m]) for m in data.spec.modalities})
     phi, stderr = metrics.shapley_from_permutations(report.v, orders)
     assert phi == report.phi and stderr == report.phi_stderr
@@ -187,7 +188,7 @@ def test_up_to_eight_modalities_phi_is_exact():
 def test_a_moved_split_carries_its_host_order_and_masks():
     """The evaluation order is a float64 reduction: computed on the host before the move, so its bits
     (and so every v(S) of a batch-dependent method) do not depend on the device."""
-    from heads.core import evaluation_order
+    from heads.evaluation import evaluation_order
 
     split = random_data().val
     assert split.to("cpu") is split

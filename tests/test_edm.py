@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from heads.core import Report, TrainConfig, build_model, evaluate, fit, load_run, predict
+from heads.core import TrainConfig, build_model, fit, load_run
+from heads.evaluation import Report, evaluate, predict
 from heads.data import Batch, DataSpec, load_head_data
 from heads.modules import Alignment, MemoryCell
 

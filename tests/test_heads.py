@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from heads.core import OptionError, TrainConfig, build_model, evaluate, fit, load_run, parse_option_args
+from heads.core import OptionError, TrainConfig, build_model, fit, load_run, parse_option_args
+from heads.evaluation import evaluate
 from heads.data import Batch, DataSpec, load_head_data
 
 SPEC = DataSpec(modalities=["a", "v"], dims={"a": 5, "v": 3}, tokens={"a": 1, "v": 1}, num_classes=4,

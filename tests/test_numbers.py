@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads.core import Trainer, TrainConfig, build_model, evaluate, evaluation_order, fit, load_run, predict, resolve_training
+from heads.core import Trainer, TrainConfig, build_model, fit, load_run, resolve_training
+from heads.evaluation import evaluate, evaluation_order, predict
 from heads.data import Batch, DataSpec, SplitTensors, load_head_data
 from heads.methods import METHODS
 from heads.methods.ogm_ge import coefficient
