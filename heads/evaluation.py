@@ -212,6 +212,7 @@ def evaluate(model, split: SplitTensors, spec, batch_size: int, subsets: bool = 
         needed = sorted(set(metrics.permutation_subsets(orders)) | {frozenset([m]) for m in mods} - {frozenset()},
                         key=lambda s: (len(s), sorted(s)))
     preds, loss = predict_subsets(model, split, needed, batch_size, prepared, full)
+    # One read for all subsets (a device sync each would add up); the same arithmetic as metrics.accuracy.
     correct = torch.stack([(preds[s] == split.y).double().mean() * 100 for s in needed]).tolist() if len(split) else [0.0] * len(needed)
     v.update(zip(needed, correct))
     if orders is None:

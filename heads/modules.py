@@ -29,13 +29,15 @@ class Alignment(nn.Module):
     def __init__(self, tau: float = 0.5, gate: str = "threshold", gate_hidden: int = 8):
         super().__init__()
         self.tau = tau
+        # τ as a tensor too (not saved: it is an option): stacked runs of several τ read their own.
+        self.register_buffer("threshold", torch.tensor(float(tau)), persistent=False)
         self.gate = nn.Sequential(nn.Linear(1, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, 1)) if gate == "learnable" else None
 
     def weights(self, h_cur: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
         """The row-normalised ``S'`` ([B, B]); exposed for tests and analysis."""
         s = nn.functional.normalize(h_cur, dim=1, eps=1e-8) @ nn.functional.normalize(h_prev, dim=1, eps=1e-8).T
         if self.gate is None:
-            s = torch.where(s > self.tau, s, 0.0)
+            s = torch.where(s > self.threshold, s, 0.0)
         else:
             s = torch.sigmoid(self.gate(s.unsqueeze(-1)).squeeze(-1)) * s
         s.diagonal().fill_(1.0)  # in place on a fresh tensor; the diagonal gets no gradient, as it should

@@ -29,13 +29,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import statistics
-import sys
-import threading
-import time
 from collections import Counter
-from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +38,7 @@ import torch
 
 from heads.core import OptionError, Trainer, TrainConfig, build_model, load_run, resolve_options, resolve_training
 from heads.evaluation import evaluate
+from heads.workers import Workers, default_workers
 from heads.data import HeadData
 
 
@@ -92,55 +88,11 @@ class _Job:
     milestones: list[int] | None  # the pruning plan the run belongs to, recorded for resume
 
 
-_DATA: HeadData | None = None
-
-
-def _init_worker(data: HeadData, threads: int, parent: int) -> None:
-    global _DATA
-    _die_with_parent(parent)
-    _DATA = data
-    torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker as soon as the sweep process ``parent`` is gone, whatever ended it.
-
-    A worker that outlives its sweep (``kill -9``, the out-of-memory killer, a scheduler's SIGTERM
-    escalated to SIGKILL) keeps its ≈400 MB, finishes its runs into a folder nobody reads and then
-    idles under PID 1 for ever. Two mechanisms, because neither is enough alone:
-
-    - Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker the instant its parent
-      dies, even by SIGKILL. It is Linux only, it is armed after the worker has started (a parent
-      that died in between is missed: hence the ``getppid`` check right after), and it fires when
-      the *thread* that spawned the worker ends, not the process. Our workers are spawned by
-      ``submit`` in the sweep's own thread, which outlives the pool (``run_sweep`` closes it before
-      returning); a pool that respawned workers from a helper thread would lose them when that
-      thread ended, so the signal is SIGKILL-on-parent-thread and must not be the only safeguard.
-    - A daemon thread polling ``os.getppid()`` against the original parent and calling ``os._exit``
-      (no cleanup to run: an unfinished run is a checkpoint or nothing): portable (macOS, where there
-      is no PDEATHSIG) and independent of threads, at the cost of up to half a second.
-    """
-    if sys.platform.startswith("linux"):  # elsewhere the watchdog alone
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (AttributeError, OSError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def _work(job: _Job) -> dict:
-    return advance(_DATA, job)
+    """What a worker process runs: one job, on the data it received once (``heads/workers.py``)."""
+    from heads import workers
+
+    return advance(workers.DATA, job)
 
 
 def _checkpoint(folder: Path, name: str) -> tuple[Path, Path]:
@@ -239,10 +191,6 @@ def close_run(data: HeadData, job: _Job, trainer: Trainer) -> dict:
 
 
 # --- where jobs run ----------------------------------------------------------------------------
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class _InProcess:
     """Jobs run here, one at a time, with torch's own thread count (and per-epoch progress)."""
 
@@ -257,38 +205,6 @@ class _InProcess:
 
     def close(self) -> None:
         pass
-
-
-class _Workers:
-    """Worker processes (spawned, so no OpenMP state crosses a fork) that receive the data once.
-
-    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: when a worker dies or cannot start
-    (an import error in the child), the executor fails the pending jobs, while a ``Pool`` respawns the
-    worker forever and the grid would wait for ever.
-    """
-
-    def __init__(self, data: HeadData, count: int, threads: int):
-        import torch.multiprocessing as tmp  # registers the reductions that pass tensors through shared memory
-
-        self.pool = futures.ProcessPoolExecutor(count, tmp.get_context("spawn"), _init_worker, (data, threads, os.getpid()))
-        self.pending: dict[futures.Future, object] = {}
-
-    def submit(self, tag, job: _Job) -> None:
-        self.pending[self.pool.submit(_work, job)] = tag
-
-    def wait(self):
-        done, _ = futures.wait(self.pending, return_when=futures.FIRST_COMPLETED)
-        future = done.pop()
-        return self.pending.pop(future), future.result()
-
-    def close(self) -> None:
-        """Stop at once: after an error or Ctrl-C the running jobs are abandoned (their checkpoints stay)."""
-        processes = list((self.pool._processes or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join()
 
 
 def _run_chains(runner, chains: list[list[_Job]], slots: int, progress) -> dict[str, dict]:
@@ -482,7 +398,7 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
                         bar.advance(task, job.until - job.start)
                 if chains:
                     if runner is None:
-                        runner = _Workers(data, workers, threads)
+                        runner = Workers(data, workers, threads, _work)
                     for name, result in _run_chains(runner, chains, workers, tick).items():
                         state.update(name, result)
                 if final:

@@ -81,8 +81,12 @@ def test_stacked_training_resumes_in_stages(data):
 
 def test_what_may_be_stacked():
     assert can_stack(TrainConfig(method="concat")) and can_stack(TrainConfig(method="late"))
-    for method in ("edm", "mla", "ccat", "ogm-ge"):  # their own update: one run at a time
+    for method in ("mla", "ccat", "ogm-ge"):  # their own update: one run at a time
         assert not can_stack(TrainConfig(method=method))
+    assert can_stack(TrainConfig(method="edm")) and not can_stack(TrainConfig(method="edm", missing_train=0.2))
+    edm = TrainConfig(method="edm", options={"tau": 0.2})
+    assert stack_key(edm) == stack_key(dataclasses.replace(edm, options={"tau": 0.7}))  # τ may differ in a stack
+    assert stack_key(edm) != stack_key(dataclasses.replace(edm, options={"tau": 0.2, "gate": "learnable"}))
     a, b = TrainConfig(method="concat", seed=1, lr=0.1), TrainConfig(method="concat", seed=2, lr=0.3, weight_decay=0.5)
     assert stack_key(a) == stack_key(b)
     assert stack_key(a) != stack_key(dataclasses.replace(a, hidden=8))
@@ -97,13 +101,14 @@ def _fake(cfg):
     return t
 
 
-@pytest.mark.parametrize("prune", [False, True])
-def test_a_stacked_grid_selects_what_the_one_by_one_grid_selects(data, tmp_path, prune):
-    axes = {"lr": [1e-3, 1e-2, 3e-2], "weight_decay": [1e-4]}
-    base = TrainConfig(method="concat", epochs=4, hidden=16, device="cpu")
-    one = grid.run_grid(data, "concat", axes, [0, 1], base, tmp_path / "one", prune=prune, workers=1, progress=False,
+@pytest.mark.parametrize("method,axes,prune", [("concat", {"lr": [1e-3, 1e-2, 3e-2], "weight_decay": [1e-4]}, False),
+                                               ("concat", {"lr": [1e-3, 1e-2, 3e-2], "weight_decay": [1e-4]}, True),
+                                               ("edm", {"tau": [0.0, 0.5, 0.9]}, True)])
+def test_a_stacked_grid_selects_what_the_one_by_one_grid_selects(data, tmp_path, method, axes, prune):
+    base = TrainConfig(method=method, epochs=4, hidden=16, device="cpu")
+    one = grid.run_grid(data, method, axes, [0, 1], base, tmp_path / "one", prune=prune, workers=1, progress=False,
                         stack="off")
-    stacked = grid.run_grid(data, "concat", axes, [0, 1], base, tmp_path / "stacked", prune=prune, workers=1,
+    stacked = grid.run_grid(data, method, axes, [0, 1], base, tmp_path / "stacked", prune=prune, workers=1,
                             progress=False, stack="on")
     assert one.selection.config == stacked.selection.config
     by_run = {r["run"]: r for r in one.records}
@@ -133,3 +138,26 @@ def test_every_stackable_method_trains_stacked_as_alone(data, method):
     stack = StackedTrainer([Trainer(data, dataclasses.replace(c, epochs=2)) for c in cfgs])
     stack.run(2)
     assert_same(alone, stack.trainers)
+
+
+@pytest.mark.parametrize("options", [{}, {"gate": "learnable"}, {"order": "random"}, {"memory": False, "inherit": False}])
+def test_stacked_edm_runs_train_as_alone(data, options):
+    """edm's chain stacked: one vmapped step per modality, runs grouped by their epoch's order, τ per
+    run, the inherited memory per run; over three epochs the orders are re-chosen from δ (or drawn
+    from each run's own RNG stream) and must match the runs alone."""
+    base = TrainConfig(method="edm", epochs=3, hidden=16, device="cpu", threads=1)
+    cfgs = [dataclasses.replace(base, seed=s, lr=lr, options={**options, "tau": tau})
+            for s, lr, tau in ((0, 1e-3, 0.3), (1, 1e-3, 0.6), (0, 3e-3, 0.0))]
+    alone = []
+    for c in cfgs:
+        t = Trainer(data, c)
+        t.run(3)
+        alone.append(t)
+    stack = StackedTrainer([Trainer(data, c) for c in cfgs])
+    stack.run(3)
+    assert_same(alone, stack.trainers)
+    for a, b in zip(alone, stack.trainers):
+        assert [r["order"] for r in a.rows] == [r["order"] for r in b.rows]
+        torch.testing.assert_close(a.model.memory_h, b.model.memory_h, atol=2e-5, rtol=1e-4)
+        assert [r.get("val_edm") for r in a.rows] == pytest.approx([r.get("val_edm") for r in b.rows])
+    assert ("val_edm" in alone[0].rows[0]) == (options.get("order", "weak-to-strong") == "weak-to-strong")

@@ -67,6 +67,10 @@ class EDMOptions:
 class EDM(HeadMethod):
     Options = EDMOptions
     summary = "EDM-ordered weak-to-strong alternating chain with alignment and memory"
+    # Stacked training (heads/stacked.py) runs the chain itself: one vmapped ``chain_loss`` and one
+    # optimizer step per modality, runs grouped by their epoch's order; τ may differ inside a stack.
+    stack_chain = True
+    stack_options = ("tau", "inherit_momentum")
     training = Training("adamw", 1e-4, 0.01, "none", 64,
                         "EDM paper §IV-A: AdamW, lr 1e-4 (\"All models are trained using the AdamW optimizer with a "
                         "learning rate of 1e-4\"); weight decay, schedule and batch size unstated: torch's AdamW "
@@ -154,16 +158,31 @@ class EDM(HeadMethod):
             h = torch.where(keep, h, h_prev)
         return h, started.add(present, batch.has(m), everyone), new_h, new_c
 
+    def chain_loss(self, m, batch, h_prev, started: "Started", state_h, state_c):
+        """Step k of the chain and its loss, the mean CE of ``cls(H_k)`` over the samples that have m:
+        ``(loss, h_seen, started, H_k, C_k)`` (what ``train_step`` and the stacked runner share)."""
+        h_seen, started, new_h, new_c = self.chain_step(m, batch, h_prev, started, state_h, state_c)
+        present = batch.present[m]
+        per_sample = nn.functional.cross_entropy(self.cls(new_h), batch.y, reduction="none")
+        return (per_sample * present).sum() / present.sum(), h_seen, started, new_h, new_c
+
+    def step_parameters(self, m: str, aligned: bool) -> tuple[str, ...]:
+        """Names (prefixes) of the parameters step m's loss reaches — those its optimizer step moves;
+        the others have no gradient and are left alone, as ``torch.optim`` leaves them."""
+        names = [f"proj.{m}.", "cls."]
+        if self.cell is not None:
+            names.append("cell.")
+        if aligned and self.align.gate is not None:
+            names.append("align.")
+        return tuple(names)
+
     def train_step(self, batch):
         h_prev, started, state_h, state_c = self.initial_state(batch)
         total = torch.zeros((), device=batch.y.device)
         for m in self.order:
-            present = batch.present[m]
             if not batch.has(m):
                 continue
-            h_seen, started, new_h, new_c = self.chain_step(m, batch, h_prev, started, state_h, state_c)
-            per_sample = nn.functional.cross_entropy(self.cls(new_h), batch.y, reduction="none")
-            loss = (per_sample * present).sum() / present.sum()
+            loss, h_seen, started, new_h, new_c = self.chain_loss(m, batch, h_prev, started, state_h, state_c)
             self.step(loss)
             total = total + loss.detach()
             h_prev, state_h, state_c = h_seen.detach(), new_h.detach(), new_c.detach()
