@@ -83,7 +83,12 @@ def split_transform(transform):
 
 
 def _is_rgb_step(step) -> bool:
-    """open_clip's ``_convert_to_rgb`` (a function in the Compose): harmless, images arrive as RGB."""
+    """open_clip's conversion to RGB (``MaybeConvertMode('RGB')``, ``_convert_to_rgb`` in older releases).
+
+    Harmless for device decoding: images are decoded as RGB there.
+    """
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", "RGB") == "RGB"
     return getattr(step, "__name__", "") == "_convert_to_rgb"
 
 
