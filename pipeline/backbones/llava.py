@@ -98,15 +98,13 @@ class LlavaBackbone(Backbone):
         if "{message}" not in self.config["template"]:
             raise BackboneError(f"llava: template must contain {{message}}, got {self.config['template']!r}")
         prepare_torchvision()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         try:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            attention = {"attn_implementation": "sdpa"} if self.fast else {}
-            model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=self.dtype,
-                                                                  **attention)
+            model = self.load_model(path, {"attn_implementation": "sdpa" if self.fast else "eager"})
         except (OSError, ValueError) as err:
             raise BackboneError(f"cannot load LLaVA from {path}: {str(err).splitlines()[0][:300]}") from None
         check_prompts("llava", self.config["prompts"], self.kinds,
@@ -126,6 +124,12 @@ class LlavaBackbone(Backbone):
             "class_token_ids": processor.tokenizer(self.config["class_token"], add_special_tokens=False)["input_ids"],
             "prompts_resolved": {k: self._pre.prompt(k) for k in self.kinds},
         }
+
+    def load_model(self, path, options: dict):
+        """The model from the folder's weights (``benchmarks/bench_extract_gpu.py`` builds it from the config instead)."""
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=self.dtype, **options)
 
     def preprocessor(self):
         return self._pre
