@@ -315,7 +315,7 @@ def bench_clip(tmp: Path, sz: dict, device, dtype: str, workers: int, tiny: bool
                                                     workers), ceiling)
     print(f"  fast vs plain (bf16 weights vs fp32 under autocast): "
           f"{distance(encode_items(bb, 'image', photos[:32]), encode_items(plain_bb, 'image', photos[:32]))}")
-    parts = ("imports", "setup", "weights", "listing", "workers_start", "first_batch", "first_encode")
+    parts = ("imports", "setup", "libraries", "weights", "listing", "workers_start", "first_batch", "first_encode")
     print("  start-up: " + ", ".join(f"{k.replace('_', ' ')} {timings[k]:.2f} s" for k in parts if k in timings) +
           f"; total {sum(timings.get(k, 0) for k in parts):.2f} s (target < 10 s)", flush=True)
     return {"clip_product": rate, "clip_model_alone": ceiling, "clip_decode_only": decode}

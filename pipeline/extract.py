@@ -503,6 +503,12 @@ def extract(
         raise BackboneError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     compute = DTYPES[dtype or ("bf16" if state.device.type == "cuda" else "fp32")]
     dataset = get_dataset(dataset_name, data_root, **(dataset_options or {}))
+    from pipeline.backbones import BACKBONES
+
+    clock = time.perf_counter()
+    if backbone_name in BACKBONES:
+        BACKBONES[backbone_name][0].import_libraries()
+    timings["libraries"] = time.perf_counter() - clock
     clock = time.perf_counter()
     backbone = build_backbone(backbone_name, weights, config, state.device, compute, fast=fast,
                               image_decode=image_decode)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones.base import (Backbone, BackboneError, ImagePrep, Preprocessor, device_pixels,
+from pipeline.backbones.base import (Backbone, BackboneError, ImagePrep, Preprocessor, device_pixels, no_init,
                                      prepare_torchvision, unreadable_weights, weights_path)
 
 _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -63,6 +63,11 @@ class CLIPBackbone(Backbone):
         "std": None,
     }
 
+    @classmethod
+    def import_libraries(cls):
+        prepare_torchvision()
+        import open_clip  # noqa: F401
+
     def load(self, weights):
         path = weights_path(weights, expect="any", what=self.weights_layout)
         prepare_torchvision()
@@ -70,12 +75,12 @@ class CLIPBackbone(Backbone):
 
         cfg = self.config
         precision = _PRECISION.get(self.dtype, "fp32") if self.fast else "fp32"
-        # Fast: built at its precision straight on the device (random init there is quick; on the CPU
-        # it takes seconds for ViT-L/14), then the checkpoint is copied in.
+        # Fast: built at its precision straight on the device without drawing random weights (6.5 s for
+        # ViT-L/14 on a 2-core CPU), then the checkpoint is copied in (open_clip loads it strictly).
         common = {"image_mean": cfg["mean"], "image_std": cfg["std"], "precision": precision,
                   "device": self.device if self.fast else "cpu"}
         try:
-            with torch.device(self.device if self.fast else "cpu"):
+            with torch.device(self.device if self.fast else "cpu"), no_init(self.fast):
                 if path.is_dir():
                     if not (path / "open_clip_config.json").is_file():
                         raise BackboneError(f"{path} has no open_clip_config.json (or pass the weights file itself)")

@@ -91,6 +91,12 @@ class LlavaBackbone(Backbone):
         "max_text_tokens": 256,
     }
 
+    @classmethod
+    def import_libraries(cls):
+        prepare_torchvision()
+        import transformers  # noqa: F401
+        from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: F401
+
     def load(self, weights):
         path = weights_path(weights, expect="folder", what=self.weights_layout)
         if not (path / "config.json").is_file():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.backbones.base import (Backbone, BackboneError, ImagePrep, Preprocessor, device_pixels, load_checkpoint,
-                                     prepare_torchvision, weights_path)
+                                     no_init, prepare_torchvision, weights_path)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +53,11 @@ class ResNetBackbone(Backbone):
     weights_layout = "a torchvision ResNet state-dict file (.pth)"
     defaults = {"arch": "resnet50", "layers": None, "image_size": 224}
 
+    @classmethod
+    def import_libraries(cls):
+        prepare_torchvision()
+        import torchvision.models  # noqa: F401
+
     def load(self, weights):
         path = weights_path(weights, expect="file", what=self.weights_layout)
         arch = self.config["arch"]
@@ -62,7 +67,8 @@ class ResNetBackbone(Backbone):
         from torchvision.models import resnet
 
         block, layers = _ARCHS[arch]
-        model = resnet.ResNet(getattr(resnet, block), self.config["layers"] or layers)
+        with no_init(self.fast):  # the checkpoint (loaded strictly below) sets every weight
+            model = resnet.ResNet(getattr(resnet, block), self.config["layers"] or layers)
         state = load_checkpoint(path, self.family)
         if not isinstance(state, dict):
             raise BackboneError(f"{path} is not a state dict: a torchvision ResNet checkpoint maps names to tensors")

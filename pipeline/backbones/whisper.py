@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, load_checkpoint, weights_path
+from pipeline.backbones.base import Backbone, BackboneError, Preprocessor, load_checkpoint, no_init, weights_path
 
 SAMPLE_RATE = 16000
 CHUNK = 30 * SAMPLE_RATE  # samples per encoder window
@@ -134,6 +134,11 @@ class WhisperBackbone(Backbone):
     weights_layout = "an openai-whisper checkpoint file such as large-v3.pt"
     defaults = {"max_chunks": 20, "window": "30s"}
 
+    @classmethod
+    def import_libraries(cls):
+        import whisper.audio  # noqa: F401
+        import whisper.model  # noqa: F401
+
     def load(self, weights):
         path = weights_path(weights, expect="file", what=self.weights_layout)
         from whisper.model import AudioEncoder, ModelDimensions
@@ -148,7 +153,7 @@ class WhisperBackbone(Backbone):
             raise BackboneError(f"{path}: n_audio_ctx is {dims.n_audio_ctx}, the 30 s windows need {FRAMES_OUT}")
         if self.config["window"] not in ("30s", "valid"):
             raise BackboneError(f"whisper: window must be 30s or valid, got {self.config['window']!r}")
-        with torch.device(self.device):  # random init on the device, then the checkpoint copied in
+        with torch.device(self.device), no_init(self.fast):  # built on the device, then the checkpoint (strict)
             encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
                                    dims.n_audio_layer)
         try:
