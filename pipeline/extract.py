@@ -19,6 +19,7 @@ path, so a batch pads to prompts of about its own length.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -243,7 +244,8 @@ def _launch(backbone: Backbone, batch: dict, modalities: dict) -> dict:
         if not len(rows):
             continue
         inputs = to_device(batch["inputs"][m], device)
-        with torch.autocast(device.type, dtype=backbone.dtype, enabled=backbone.autocast):
+        # (no autocast context at all on the fast path: torch 2.1, Ola's, refuses an fp32 one even disabled)
+        with torch.autocast(device.type, dtype=backbone.dtype) if backbone.autocast else contextlib.nullcontext():
             x, ext = backbone.encode(kind, inputs)
         failed = inputs.get("failed_rows", {}) if isinstance(inputs, dict) else {}
         x = x.float().to("cpu", non_blocking=True)
