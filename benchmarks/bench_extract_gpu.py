@@ -354,7 +354,8 @@ def bench_whisper(tmp: Path, sz: dict, device, dtype: str, workers: int, tiny: b
     if plain:
         row("product, plain path", product_backbone(plain_bb, name, data, tmp / "out-w-plain", sz["whisper_batch"],
                                                     workers), ceiling, unit="clips/s")
-    print(f"  fast vs plain: {distance(encode_items(bb, 'audio', clips[:16]), encode_items(plain_bb, 'audio', clips[:16]))}")
+    fast_x, plain_x = encode_items(bb, "audio", clips[:16]), encode_items(plain_bb, "audio", clips[:16])
+    print(f"  fast vs plain: {distance(fast_x, plain_x)}")
     # The opt-in valid-frames window: speed, and distance to the 30 s features of the same clips.
     vrate = product(name, valid_data, weights, tmp / "out-wvalid", sz["valid_batch"], workers, dtype=dtype,
                     config={"window": "valid"})

@@ -132,7 +132,7 @@ def read_jpeg(path) -> JpegBytes | None:
 
 @functools.cache
 def device_jpeg_decoder(device_type: str):
-    """``torchvision.io.decode_jpeg`` if it decodes on ``device_type`` in this build, else None (detected, not assumed)."""
+    """``torchvision.io.decode_jpeg`` if it decodes on ``device_type`` in this build, else None (detected by trying)."""
     if device_type != "cuda" or not torch.cuda.is_available():
         return None
     try:

@@ -22,7 +22,6 @@ Tolerances, as max |fast - plain| over all outputs, relative to max |plain| (the
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ def _wavs() -> list[np.ndarray]:
 
 
 def run(bb, kind: str, decoded: list) -> torch.Tensor:
-    """The engine's steps for one batch, in-process: prepare, collate, to the device, encode (autocast as the engine)."""
+    """The engine's steps for one batch, in-process: prepare, collate, to the device, encode (autocast as it does)."""
     from pipeline.extract import to_device
 
     pre = bb.preprocessor()

@@ -89,7 +89,7 @@ def _byte_tokenizer(folder: Path):
 
 
 def tiny_ola(folder: Path) -> Path:
-    """An Ola-7b-layout folder (config.json, safetensors, tokenizer, speech encoder checkpoints), all tiny and random."""
+    """An Ola-7b-layout folder (config.json, safetensors, tokenizer, speech encoder checkpoints), tiny and random."""
     from ola.model import OlaConfigQwen, OlaQwenForCausalLM
     from ola.model.speech_encoder.beats.BEATs import BEATs, BEATsConfig
 

@@ -128,7 +128,7 @@ def unreadable_weights(path, family: str, err: BaseException) -> BackboneError |
 
 
 def load_checkpoint(path: Path, family: str):
-    """``torch.load`` of a local checkpoint (tensors only, memory-mapped), with unreadable files as one ``BackboneError``."""
+    """``torch.load`` of a local checkpoint (tensors only, memory-mapped); unreadable files: one ``BackboneError``."""
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -360,6 +360,7 @@ class Backbone(ABC):
 
     def runtime(self) -> dict:
         """How this run computed (recorded in meta.json, not compared on resume): path, weights' dtype, decoding."""
+        weights = self.dtype if self.fast or self.half_weights else torch.float32
         return {"path": "fast" if self.fast else "plain", "image_decode": self.image_decode,
-                "weights_dtype": str(self.dtype if self.fast or self.half_weights else torch.float32).replace("torch.", "")}
+                "weights_dtype": str(weights).replace("torch.", "")}
 

@@ -132,7 +132,7 @@ class LlavaBackbone(Backbone):
         }
 
     def load_model(self, path, options: dict):
-        """The model from the folder's weights (``benchmarks/bench_extract_gpu.py`` builds it from the config instead)."""
+        """The model from the folder's weights (``bench_extract_gpu.py`` builds it from the config instead)."""
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=self.dtype, **options)
