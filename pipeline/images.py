@@ -50,6 +50,14 @@ class JpegBytes:
     data: torch.Tensor  # uint8 [n]
 
 
+@dataclass
+class HostList:
+    """A batch's JPEG bytes: stays on the host (``to_device`` and the loader's pinning leave it alone),
+    since the decoder reads host memory."""
+
+    items: list
+
+
 def split_transform(transform):
     """``(pil_steps, ImageSpec)`` for a torchvision ``Compose`` ending in ``ToTensor, Normalize``, else None.
 
@@ -188,7 +196,7 @@ def collate_images(items: list) -> dict:
         out["pixels"] = torch.stack([items[i] for i in pixel_rows])
         out["pixel_rows"] = torch.tensor(pixel_rows)
     if jpeg_rows:
-        out["jpegs"] = [items[i].data for i in jpeg_rows]  # pinned by the loader where it pins
+        out["jpegs"] = HostList([items[i].data for i in jpeg_rows])
         out["jpeg_rows"] = jpeg_rows
     return out
 
@@ -203,9 +211,9 @@ def assemble(batch: dict, spec: ImageSpec, dtype: torch.dtype, device: torch.dev
     """
     if "jpegs" not in batch:
         return normalize(batch["pixels"], spec, dtype)
-    datas, failed = batch["jpegs"], batch.setdefault("failed_rows", {})
+    datas, failed = batch["jpegs"].items, batch.setdefault("failed_rows", {})
     try:
-        decoded = decoder([d.cpu() for d in datas])
+        decoded = decoder(datas)
     except Exception:
         decoded = [_decode_one(d, decoder) for d in datas]
     shape = spec.crop or spec.resize
@@ -226,12 +234,12 @@ def assemble(batch: dict, spec: ImageSpec, dtype: torch.dtype, device: torch.dev
 def _decode_one(data: torch.Tensor, decoder):
     """One JPEG: nvJPEG, else PIL, else the reason (a str)."""
     try:
-        return decoder([data.cpu()])[0]
+        return decoder([data])[0]
     except Exception:
         from PIL import Image
 
         try:
-            with Image.open(io.BytesIO(data.cpu().numpy().tobytes())) as img:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
                 return to_uint8(img)
         except (OSError, SyntaxError, ValueError) as err:
             return f"undecodable image ({type(err).__name__}: {str(err)[:150]})"
