@@ -246,3 +246,17 @@ def load_text(source) -> str:
     if not text:
         raise DecodeError("empty text")
     return text
+
+
+AUDIO_RATE = 16000
+
+
+def decode_source(kind: str, source, window, frames: int):
+    """One source of one modality -> the decoded input a preprocessor takes (raises DecodeError)."""
+    if kind == "image":
+        return load_image(source)
+    if kind == "audio":
+        return load_audio(source, AUDIO_RATE, window)
+    if kind == "video":
+        return load_video_frames(source, frames, window)
+    return load_text(source)

@@ -1,8 +1,13 @@
 """Stage one's engine: a dataset listing through a frozen backbone into a feature cache.
 
 DataLoader workers decode each sample's media and run the backbone's preprocessing; the main
-process moves batches to the device (pinned memory, non-blocking copies), runs the backbone under
-autocast when the compute dtype is bf16/fp16, and hands features to the ``CacheWriter``.
+process moves batches to the device (pinned memory, non-blocking copies), runs the backbone and
+hands features to the ``CacheWriter``. On the fast path (the default) the weights are in the
+compute dtype and images travel as uint8 (see ``Backbone``); the plain path (``fast=False``) runs
+float32 weights under autocast. On a GPU the features of batch i come back (non-blocking, pinned)
+while batch i+1 is already queued: the host never waits on the device inside the loop, only when
+it stores a batch that has finished. LLM text prompts are extracted shortest first on the fast
+path, so a batch pads to prompts of about its own length.
 
 - Resumable: the writer knows every sample id already in a shard; a rerun of the same command
   skips them, so an interrupted run (Ctrl-C, kill -9) ends with every sample exactly once.
@@ -14,6 +19,7 @@ autocast when the compute dtype is bf16/fp16, and hands features to the ``CacheW
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,23 +36,11 @@ import torch
 from cache import CacheError, CacheWriter, build_manifest, load_meta
 from pipeline.backbones import Backbone, BackboneError, build_backbone
 from pipeline.datasets import DatasetAdapter, DatasetError, DatasetListing, SampleRef, get_dataset
-from pipeline.decode import LFS_REASON, DecodeError, cause, load_audio, load_image, load_text, load_video_frames
+from pipeline.decode import AUDIO_RATE, LFS_REASON, DecodeError, cause
 
-AUDIO_RATE = 16000
 FAILED = "failed.parquet"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _F16_MAX = float(np.finfo(np.float16).max)
-
-
-def decode(kind: str, source: str, window, frames: int):
-    """One source of one modality -> the decoded input a preprocessor takes (raises DecodeError)."""
-    if kind == "image":
-        return load_image(source)
-    if kind == "audio":
-        return load_audio(source, AUDIO_RATE, window)
-    if kind == "video":
-        return load_video_frames(source, frames, window)
-    return load_text(source)
 
 
 class SampleSet(torch.utils.data.Dataset):
@@ -67,7 +61,7 @@ class SampleSet(torch.utils.data.Dataset):
                 continue  # absent for this sample, by the dataset's own listing
             # A single odd file must not end a day-long run: any error becomes this sample's reason.
             try:
-                decoded = decode(kind, source, ref.window, self.frames)
+                decoded = self.pre.load(kind, source, ref.window, self.frames)
             except DecodeError as err:
                 failed[m] = str(err)
                 continue
@@ -236,29 +230,84 @@ def _comparable(settings: dict) -> dict:
     return out
 
 
-def _encode(backbone: Backbone, batch: dict, modalities: dict, shapes: dict, extras: dict):
-    """Features ``{m: [n, T, D]}`` (zeros where a modality is absent) and extras of one collated batch.
+def _launch(backbone: Backbone, batch: dict, modalities: dict) -> dict:
+    """Queue one collated batch on the device: ``{m: (rows, features, extras, failed rows)}``, copies under way.
 
-    Inputs go to the device without blocking (the loader pinned them); bf16/fp16 run under autocast.
+    Inputs go to the device without blocking (the loader pinned them); the plain path with bf16/fp16
+    runs under autocast. On CUDA the outputs are copied back without blocking into pinned memory, and
+    an event marks when they are there (``_collect`` waits on it), so the host can fetch the next
+    batch while the device still works on this one.
     """
-    n, device, dtype = len(batch["ids"]), backbone.device, backbone.dtype
-    feats = {m: np.zeros((n, *shapes[m]), np.float32) for m in modalities}
-    extra = {k: np.zeros(n, dt) for k, dt in extras.items()}
+    device, out = backbone.device, {}
     for m, kind in modalities.items():
         rows = batch["rows"][m]
         if not len(rows):
             continue
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            x, ext = backbone.encode(kind, to_device(batch["inputs"][m], device))
-        feats[m][rows] = x.float().cpu().numpy()
+        inputs = to_device(batch["inputs"][m], device)
+        # (no autocast context at all on the fast path: torch 2.1, Ola's, refuses an fp32 one even disabled)
+        with torch.autocast(device.type, dtype=backbone.dtype) if backbone.autocast else contextlib.nullcontext():
+            x, ext = backbone.encode(kind, inputs)
+        failed = inputs.get("failed_rows", {}) if isinstance(inputs, dict) else {}
+        x = x.float().to("cpu", non_blocking=True)
+        ext = {name: value.to("cpu", non_blocking=True) for name, value in ext.items()}
+        out[m] = (rows, x, ext, failed)
+    if device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record()
+        out["_done"] = done
+    return out
+
+
+def _collect(launched: dict, n: int, shapes: dict, extras: dict, modalities: dict):
+    """Wait for a launched batch: ``{m: [n, T, D]}`` (zeros where absent), extras, and ``[(row, m, reason)]``."""
+    if "_done" in launched:
+        launched["_done"].synchronize()
+    feats = {m: np.zeros((n, *shapes[m]), np.float32) for m in modalities}
+    extra = {k: np.zeros(n, dt) for k, dt in extras.items()}
+    bad = []
+    for m in modalities:
+        if m not in launched:
+            continue
+        rows, x, ext, failed = launched[m]
+        feats[m][rows] = x.numpy()
         for name, value in ext.items():
-            extra[f"{m}_{name}"][rows] = value.cpu().numpy()
+            extra[f"{m}_{name}"][rows] = value.numpy()
+        bad += [(int(rows[r]), m, reason) for r, reason in failed.items()]
+    return feats, extra, bad
+
+
+def _encode(backbone: Backbone, batch: dict, modalities: dict, shapes: dict, extras: dict):
+    """Features ``{m: [n, T, D]}`` (zeros where a modality is absent) and extras of one collated batch."""
+    feats, extra, _ = _collect(_launch(backbone, batch, modalities), len(batch["ids"]), shapes, extras, modalities)
     return feats, extra
 
 
-def _refuse_non_finite(ids: list[str], feats: dict, failures: list) -> np.ndarray:
-    """Indices of the samples whose features are all finite and fit float16; the others become failures."""
+def _text_length(ref: SampleRef, modalities: dict) -> int:
+    """A sample's text length for bucketing: characters of text given inline, bytes of a text file."""
+    total = 0
+    for m, kind in modalities.items():
+        source = ref.sources.get(m)
+        if kind != "text" or source is None:
+            continue
+        if isinstance(source, str):
+            total += len(source)
+        else:
+            try:
+                total += os.stat(source).st_size
+            except OSError:
+                pass  # the worker will report the file
+    return total
+
+
+def _refuse_non_finite(ids: list[str], feats: dict, failures: list, bad=()) -> np.ndarray:
+    """Indices of the samples whose features are all finite and fit float16; the others become failures.
+
+    ``bad``: ``(row, modality, reason)`` of inputs the device could not decode (those samples fail too).
+    """
     good = np.ones(len(ids), bool)
+    for row, m, reason in bad:
+        failures.append((ids[row], m, reason))
+        good[row] = False
     for m, x in feats.items():
         flat = x.reshape(len(ids), -1)
         finite = np.isfinite(flat).all(1)
@@ -287,8 +336,14 @@ def run_extraction(
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
     log: Callable[[str], None] = lambda msg: None,
+    timings: dict | None = None,
 ) -> Summary:
-    """Extract every sample of ``dataset`` not yet in the cache at ``cache_path``; see the module doc."""
+    """Extract every sample of ``dataset`` not yet in the cache at ``cache_path``; see the module doc.
+
+    ``timings`` (a dict, filled in): seconds spent on the listing, starting the loader's workers,
+    waiting for the first batch and encoding it: where the time before the first batch goes.
+    """
+    timings = {} if timings is None else timings
     path = Path(cache_path)
     chosen, left_out = select_modalities(dataset, backbone, modalities)
     shapes = {m: backbone.output_shape(kind, frames) for m, kind in chosen.items()}
@@ -300,7 +355,9 @@ def run_extraction(
         if _comparable(old) != _comparable(settings):
             raise CacheError(f"cache at {path} was made with other settings (backbone, its config or prompts, "
                              f"frames, dtype); use another --out or delete it")
+    clock = time.perf_counter()
     listing = dataset.listing()
+    timings["listing"] = time.perf_counter() - clock
     ids = [r.sample_id for r in listing.samples]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"dataset {dataset.name} lists some sample ids twice")
@@ -311,6 +368,7 @@ def run_extraction(
             split_rule=listing.split_rule, backbone_config=settings["backbone_config"], shard_size=shard_size,
             rank=rank, extra_meta={"extraction": {
                 **settings["extraction"], "data_root": str(dataset.data_root.resolve()),
+                "runtime": backbone.runtime(),
                 "dataset_options": {k: str(v) for k, v in dataset.options.items()}}},
         )
 
@@ -324,6 +382,8 @@ def run_extraction(
     done_at_start = set(out.done_ids)
     todo = [r for r in listing.samples[rank::world] if r.sample_id not in done_at_start]
     todo = todo[:limit] if limit is not None else todo
+    if backbone.fast and backbone.bucket_text and "text" in chosen.values():
+        todo = sorted(todo, key=lambda ref: _text_length(ref, chosen))  # stable: ties keep the listing's order
     summary = Summary(cache=path, rank=rank, listed=len(ids), rejected_by_listing=len(listing.skipped),
                       data_root=dataset.data_root,
                       attempted=len(todo), already_done=len(done_at_start & set(ids)), left_out=left_out)
@@ -349,7 +409,9 @@ def run_extraction(
             collate_fn=Collate(chosen, pre, keep_partial), pin_memory=backbone.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
         )
-        batches = iter(loader)
+        clock = time.perf_counter()
+        batches = iter(loader)  # forks the workers
+        timings["workers_start"] = time.perf_counter() - clock
     extras = {f"{m}_{name}": dt for m, kind in chosen.items() for name, dt in backbone.extras(kind).items()}
     failures: list[tuple[str, str, str]] = []
     threads = torch.get_num_threads()
@@ -358,19 +420,43 @@ def run_extraction(
         # left over make OpenMP threads wait on each other (5-10x slower on a busy 2-core machine).
         torch.set_num_threads(max(1, cores - workers))
     start = time.perf_counter()
+
+    def store(batch, launched):
+        if launched is not None:
+            feats, extra, bad = _collect(launched, len(batch["ids"]), shapes, extras, chosen)
+            keep = _refuse_non_finite(batch["ids"], feats, failures, bad)
+            out.add([batch["ids"][i] for i in keep], np.asarray(batch["labels"])[keep],
+                    [batch["splits"][i] for i in keep], {m: x[keep] for m, x in feats.items()},
+                    {m: p[keep] for m, p in batch["present"].items()}, {k: v[keep] for k, v in extra.items()})
+        bar.advance(task, batch["size"])
+
+    pending = None  # the batch queued on the device, stored once the next one is queued
+    overlap = backbone.device.type == "cuda"
     try:
         with _progress(progress and rank == 0) as bar, torch.inference_mode():
             task = bar.add_task(f"{dataset.name} · {backbone_name}", total=len(todo))
             for batch in batches:
+                if "first_batch" not in timings:
+                    timings["first_batch"] = time.perf_counter() - start
                 failures += batch["failures"]
-                if batch["ids"]:
-                    feats, extra = _encode(backbone, batch, chosen, shapes, extras)
-                    keep = _refuse_non_finite(batch["ids"], feats, failures)
-                    out.add([batch["ids"][i] for i in keep], np.asarray(batch["labels"])[keep],
-                            [batch["splits"][i] for i in keep], {m: x[keep] for m, x in feats.items()},
-                            {m: p[keep] for m, p in batch["present"].items()}, {k: v[keep] for k, v in extra.items()})
-                bar.advance(task, batch["size"])
+                launched = _launch(backbone, batch, chosen) if batch["ids"] else None
+                if pending is not None:
+                    store(*pending)
+                pending = (batch, launched)
+                if not overlap or "first_encode" not in timings:  # on the CPU there is nothing to overlap
+                    store(*pending)
+                    pending = None
+                    timings.setdefault("first_encode", time.perf_counter() - start - timings["first_batch"])
+            if pending is not None:
+                store(*pending)
+                pending = None
     except BaseException:
+        if pending is not None:  # its features are computed: keep them too
+            try:
+                with torch.inference_mode():
+                    store(*pending)
+            except Exception:
+                pass
         out.close(finalize=False)  # keep what is whole; the rerun resumes from there
         raise
     finally:
@@ -396,24 +482,41 @@ def extract(
     config: dict | None = None,
     dataset_options: dict | None = None,
     dtype: str | None = None,
+    fast: bool = True,
+    image_decode: str = "auto",
+    timings: dict | None = None,
     **options,
 ) -> Summary:
     """Set up one process (under ``accelerate launch``, one of several) and run the extraction.
 
     The cache goes to ``<out>/<dataset>/<backbone>/``. ``dtype`` defaults to bf16 on a GPU and fp32
-    on the CPU; ``options`` are those of ``run_extraction``.
+    on the CPU; ``fast``/``image_decode`` are the backbone's (see ``Backbone``); ``options`` are those
+    of ``run_extraction``. ``timings`` (a dict) receives where the start-up went, in seconds.
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     # Without a GPU (or with `accelerate launch --cpu`) the processes talk over gloo on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    timings["setup"] = time.perf_counter() - clock
     if dtype is not None and dtype not in DTYPES:
         raise BackboneError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     compute = DTYPES[dtype or ("bf16" if state.device.type == "cuda" else "fp32")]
     dataset = get_dataset(dataset_name, data_root, **(dataset_options or {}))
-    backbone = build_backbone(backbone_name, weights, config, state.device, compute)
+    from pipeline.backbones import BACKBONES
+
+    clock = time.perf_counter()
+    if backbone_name in BACKBONES:
+        BACKBONES[backbone_name][0].import_libraries()
+    timings["libraries"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    backbone = build_backbone(backbone_name, weights, config, state.device, compute, fast=fast,
+                              image_decode=image_decode)
+    timings["weights"] = time.perf_counter() - clock
     return run_extraction(
         dataset, backbone, backbone_name, Path(out) / dataset.name / backbone_name,
-        rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone, **options,
+        rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone, timings=timings,
+        **options,
     )

@@ -46,12 +46,16 @@ def output_shapes(name: str) -> str:
 
 
 def build_backbone(name: str, weights, config: dict | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load the backbone registered as ``name`` from local ``weights``, with ``config`` over its preset."""
+                   dtype: torch.dtype = torch.float32, *, fast: bool = True, image_decode: str = "auto") -> Backbone:
+    """Load the backbone registered as ``name`` from local ``weights``, with ``config`` over its preset.
+
+    ``fast=False`` gives the plain path (float32 weights under autocast, preprocessing all in the
+    workers), kept to compare against; ``image_decode``: ``auto``, ``cpu`` or ``device`` (nvJPEG).
+    """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     cls, preset = BACKBONES[name]
-    return cls(weights, {**preset, **(config or {})}, device, dtype)
+    return cls(weights, {**preset, **(config or {})}, device, dtype, fast=fast, image_decode=image_decode)
 
 
 __all__ = ["BACKBONES", "DIMS", "output_shapes", "Backbone", "BackboneError", "Preprocessor", "build_backbone", "prepare_torchvision"]

@@ -11,6 +11,7 @@ merged over the family's ``defaults``; the resolved config is recorded in the ca
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import importlib.util
@@ -52,6 +53,31 @@ def prepare_torchvision() -> None:
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_SHIM.append(lib)
+
+
+_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+          "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def no_init(enabled: bool = True):
+    """Module constructors skip their random initialisation inside this block (``torch.nn.init`` is a no-op).
+
+    Why: a ViT-L/14 spends 6.5 s of a 2-core CPU drawing random weights that the checkpoint then
+    overwrites (0.8 s without). Only for models loaded right after with a strict ``load_state_dict``,
+    which fails if any weight is left unset.
+    """
+    if not enabled:
+        yield
+        return
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, func in saved.items():
+            setattr(torch.nn.init, name, func)
 
 
 def weights_path(weights, *, expect: str, what: str) -> Path:
@@ -102,9 +128,14 @@ def unreadable_weights(path, family: str, err: BaseException) -> BackboneError |
 
 
 def load_checkpoint(path: Path, family: str):
-    """``torch.load`` of a local checkpoint (tensors only), with unreadable files as one ``BackboneError``."""
+    """``torch.load`` of a local checkpoint (tensors only, memory-mapped); unreadable files: one ``BackboneError``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # a legacy (non-zip) file cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError... for a bad file
         raise (unreadable_weights(path, family, err) or BackboneError(
             f"cannot read weights {path} as a {family} checkpoint ({type(err).__name__}: "
@@ -174,6 +205,12 @@ def prompt_text(tokenizer, text: str, max_tokens: int, media_tokens) -> str:
 class Preprocessor(ABC):
     """The CPU half of a backbone; runs in DataLoader workers, so it must be picklable and model-free."""
 
+    def load(self, kind: str, source, window, frames: int):
+        """Read one source into what ``prepare`` takes (raises ``DecodeError``); images may stay JPEG bytes."""
+        from pipeline.decode import decode_source
+
+        return decode_source(kind, source, window, frames)
+
     @abstractmethod
     def prepare(self, kind: str, decoded):
         """One decoded input (PIL image, list of PIL frames, float32 waveform, or str) -> tensors."""
@@ -185,11 +222,77 @@ class Preprocessor(ABC):
         return torch.stack(items)
 
 
+class ImagePrep:
+    """The image half of a preprocessor, plain or fast (see ``pipeline/images.py``); picklable.
+
+    Plain: the whole torchvision ``transform`` in the worker -> float32. Fast: its PIL steps in the
+    worker -> uint8, normalisation on the device; with ``device_decode`` JPEGs travel as bytes.
+    """
+
+    def __init__(self, transform, fast: bool, device_decode: bool):
+        from pipeline.images import device_decodable, split_transform
+
+        self.transform = transform
+        split = split_transform(transform) if fast else None
+        self.pil, self.spec = split if split is not None else (None, None)
+        self.device_decode = bool(device_decode and device_decodable(self.spec))
+
+    @property
+    def fast(self) -> bool:
+        return self.pil is not None
+
+    def load(self, source):
+        from pipeline.decode import load_image
+        from pipeline.images import read_jpeg
+
+        return (self.device_decode and read_jpeg(source)) or load_image(source)
+
+    def one(self, image):
+        """One decoded image (PIL, or JPEG bytes kept for the device) -> a tensor or JpegBytes."""
+        from pipeline.images import JpegBytes, to_uint8
+
+        if isinstance(image, JpegBytes):
+            return image
+        return to_uint8(self.pil(image)) if self.fast else self.transform(image)
+
+    def frames(self, frames) -> torch.Tensor:
+        from pipeline.images import to_uint8
+
+        if self.fast:
+            return torch.stack([to_uint8(self.pil(f)) for f in frames])
+        return torch.stack([self.transform(f) for f in frames])
+
+    def collate(self, items):
+        from pipeline.images import collate_images
+
+        return collate_images(items) if self.fast else torch.stack(items)
+
+
+def device_pixels(prep: ImagePrep, batch, dtype: torch.dtype, device: torch.device, decoder=None) -> torch.Tensor:
+    """The device half of ``ImagePrep``: a collated batch on the device -> normalised pixels in ``dtype``.
+
+    Plain batches are already normalised float32 (the engine's autocast casts them); fast image
+    batches are ``collate_images`` dicts, fast video batches uint8 ``[B, K, 3, H, W]``.
+    """
+    from pipeline.images import assemble, normalize
+
+    if isinstance(batch, dict):
+        return assemble(batch, prep.spec, dtype, device, decoder)
+    if batch.dtype == torch.uint8:
+        return normalize(batch, prep.spec, dtype)
+    return batch
+
+
 class Backbone(ABC):
     """A frozen encoder. Subclasses set ``family``, ``kinds``, ``defaults`` and implement the methods.
 
-    ``half_weights``: cast the weights themselves to the compute dtype (the 7B LLMs, which would not
-    fit otherwise); smaller encoders keep float32 weights and rely on autocast.
+    ``fast`` (the default): the weights themselves are cast to the compute dtype the way the
+    library does it (open_clip's ``precision``, LayerNorm kept float32 where the library keeps it),
+    images reach the device as uint8 and are normalised there, LLMs use SDPA attention and text
+    prompts are batched by length. ``fast=False`` is the plain path kept for comparison: float32
+    weights under autocast (except ``half_weights``: the 7B LLMs are always loaded in the compute
+    dtype), the whole preprocessing in the workers. ``image_decode``: ``cpu`` (PIL in the workers),
+    ``device`` (nvJPEG where this build has it, else PIL) or ``auto`` (device on CUDA when nvJPEG works).
     """
 
     family: str = ""
@@ -197,14 +300,34 @@ class Backbone(ABC):
     weights_layout: str = ""  # what --weights must be, for messages and `cli.py backbones`
     defaults: dict = {}
     half_weights: bool = False
+    bucket_text: bool = False  # an LLM: text prompts of similar length are batched together on the fast path
 
     def __init__(self, weights, config: dict | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, *, fast: bool = True, image_decode: str = "auto"):
         self.config = resolve_config(self.family, self.defaults, config)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.fast = fast
+        if image_decode not in ("auto", "cpu", "device"):
+            raise BackboneError(f"image decoding must be auto, cpu or device, got {image_decode!r}")
+        from pipeline.images import device_jpeg_decoder
+
+        self.jpeg_decoder = device_jpeg_decoder(self.device.type) if fast and image_decode != "cpu" else None
+        if image_decode == "device" and self.jpeg_decoder is None:
+            self.image_decode = "cpu"  # asked for, but this build/device cannot: PIL in the workers
+        else:
+            self.image_decode = "device" if self.jpeg_decoder is not None else "cpu"
         self.info: dict = {}  # facts found while loading (dims, token ids), recorded in meta.json
         self.load(weights)
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the engine runs ``encode`` under autocast: the plain path with a reduced compute dtype."""
+        return not self.fast and self.dtype != torch.float32
+
+    @classmethod
+    def import_libraries(cls) -> None:
+        """Import the family's libraries (open_clip, whisper, transformers...); timed apart at start-up."""
 
     @abstractmethod
     def load(self, weights) -> None:
@@ -234,4 +357,10 @@ class Backbone(ABC):
     def record(self) -> dict:
         """What meta.json keeps about this backbone: family, resolved config, load-time facts."""
         return {"family": self.family, **self.config, "info": self.info}
+
+    def runtime(self) -> dict:
+        """How this run computed (recorded in meta.json, not compared on resume): path, weights' dtype, decoding."""
+        weights = self.dtype if self.fast or self.half_weights else torch.float32
+        return {"path": "fast" if self.fast else "plain", "image_decode": self.image_decode,
+                "weights_dtype": str(weights).replace("torch.", "")}
 

@@ -2,13 +2,19 @@
 
 Plain transformers cannot load model_type ``ola_qwen``: the ``ola`` package from the Ola-Omni/Ola
 repository must be installed (it pins its own torch/transformers, so usually a separate
-environment). It is imported only when this backbone is built; without it the run stops with one
-line naming the install. Ola's loader puts its vision tower on ``cuda``: a CUDA GPU is required.
+environment: README, "Ola-7B"). It is imported only when this backbone is built; without it (or
+without ``flash_attn`` and ``deepspeed``, which Ola's vision tower imports) the run stops with one
+line naming the install.
 
-Weights: the Ola-7b checkpoint folder (config.json, weights, tokenizer). Its config names the speech
-encoders (``large-v3.pt``, BEATs) by paths that may be relative to that folder; they are resolved
-against it. The vision tower reads ``CLIPImageProcessor`` for ``openai/clip-vit-large-patch14``
-from the Hugging Face cache, which must hold it for an offline run.
+Weights: the Ola-7b checkpoint folder (config.json, weights, tokenizer). Loading follows Ola's
+``load_pretrained_model`` step by step (the LLM with its vision tower, then the speech encoders
+rebuilt from their own checkpoints, the embeddings resized to the tokenizer) but on the device this
+run uses, where Ola's own loader hard-codes ``cuda``. The config names the speech encoders
+(``large-v3.pt``, BEATs) by paths that may be relative to that folder; they are resolved against
+it. The vision tower asks the Hugging Face cache for ``CLIPImageProcessor`` of
+``openai/clip-vit-large-patch14``; offline without that cache it gets the same processor built from
+that checkpoint's published preprocessing values (Ola then sets mean = std = 0.5, and extraction
+turns resizing and cropping off, so only the rescale and normalisation matter).
 
 As for LLaVA, each modality gets its own prompt: the message for its kind (``<image>``,
 ``<speech>``, ``{text}``) in Ola's ``qwen_1_5`` chat template, followed by ``[CLASS]``; the feature
@@ -39,7 +45,15 @@ from pipeline.backbones.base import (
 )
 
 INSTALL = ("the ola7b backbone needs the `ola` package: pip install git+https://github.com/Ola-Omni/Ola.git "
-           "(in its own environment: it pins torch 2.1.2, transformers 4.43.4; see docs/extraction.md)")
+           "(in its own environment: it pins torch 2.1.2, transformers 4.43.4; see the README, \"Ola-7B\")")
+# What Ola's vision tower imports besides the package's own requirements (its `[train]` extra, flash-attn).
+INSTALL_VISION = ("Ola's vision tower imports {name}: in Ola's environment, pip install -e '.[train]' (deepspeed) and "
+                  "pip install flash-attn --no-build-isolation (needs CUDA); see the README, \"Ola-7B\"")
+# openai/clip-vit-large-patch14's preprocessor_config.json, for offline runs without that hub cache.
+CLIP_L14_PREPROCESSOR = {
+    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3, "size": 224,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
 # Read by the ola package at import time; these are the values of Ola's own inference script.
 OLA_ENV = {
     "LOWRES_RESIZE": "384x32", "HIGHRES_BASE": "0x32", "MAXRES": "1536", "MINRES": "0",
@@ -56,18 +70,59 @@ def _import_ola():
     for key, value in OLA_ENV.items():
         os.environ.setdefault(key, value)
     prepare_torchvision()
-    import ola.constants
-    import ola.conversation
-    import ola.datasets.preprocess
-    import ola.mm_utils
-
+    try:
+        import ola.constants
+        import ola.conversation
+        import ola.datasets.preprocess
+        import ola.mm_utils
+        import ola.model.multimodal_encoder.oryx_vit  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name in ("flash_attn", "deepspeed"):
+            raise BackboneError(INSTALL_VISION.format(name=err.name)) from None
+        raise
     return ola
+
+
+@contextlib.contextmanager
+def _in_folder(path):
+    """``contextlib.chdir`` (Python 3.11+) for Ola's Python 3.10."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
+def _clip_processor_offline():
+    """Ola's vision tower gets CLIP-L/14's image processor even without that hub cache (see the module doc)."""
+    import ola.model.multimodal_encoder.oryx_vit as oryx
+
+    real = oryx.CLIPImageProcessor
+
+    class Processor(real):
+        @classmethod
+        def from_pretrained(cls, name, *args, **kwargs):
+            try:
+                return real.from_pretrained(name, *args, **kwargs)
+            except OSError:  # not in the cache, and offline
+                if name != "openai/clip-vit-large-patch14":
+                    raise
+                return real(**CLIP_L14_PREPROCESSOR)
+
+    oryx.CLIPImageProcessor = Processor
+    try:
+        yield
+    finally:
+        oryx.CLIPImageProcessor = real
 
 
 class OlaPreprocessor(Preprocessor):
     def __init__(self, tokenizer, image_processor, conv_mode: str, class_token: str, prompts: dict,
                  max_text_tokens: int):
         self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID
         self.image_processor = image_processor
         self.conv_mode = conv_mode
         self.class_token = class_token
@@ -113,7 +168,7 @@ class OlaPreprocessor(Preprocessor):
                 "speech_chunks": torch.tensor([len(chunks)]), "speech_wav": torch.stack(chunks)}
 
     def collate(self, kind, items):
-        batch = left_pad([it["input_ids"] for it in items], PAD_ID)
+        batch = left_pad([it["input_ids"] for it in items], self.pad_id)
         for key in ("image", "image_highres", "size", "speech", "speech_lengths", "speech_chunks", "speech_wav"):
             if key in items[0]:
                 batch[key] = [it[key] for it in items]
@@ -123,8 +178,9 @@ class OlaPreprocessor(Preprocessor):
 class OlaBackbone(Backbone):
     family = "ola"
     kinds = ("image", "video", "audio", "text")
-    weights_layout = "the Ola-7b checkpoint folder (needs the ola package and a CUDA GPU)"
+    weights_layout = "the Ola-7b checkpoint folder (needs the ola package, flash-attn and so a CUDA GPU)"
     half_weights = True
+    bucket_text = True
     defaults = {
         "conv_mode": "qwen_1_5",
         "class_token": "[CLASS]",
@@ -137,19 +193,17 @@ class OlaBackbone(Backbone):
         "max_text_tokens": 256,
     }
 
+    @classmethod
+    def import_libraries(cls):
+        _import_ola()
+
     def load(self, weights):
         ola = _import_ola()
         path = weights_path(weights, expect="folder", what=self.weights_layout)
-        if self.device.type != "cuda":
-            raise BackboneError("the ola7b backbone needs a CUDA GPU (Ola's loader places its vision tower on cuda)")
         consts = ola.constants
         image, speech = consts.DEFAULT_IMAGE_TOKEN, consts.DEFAULT_SPEECH_TOKEN
         check_prompts("ola", self.config["prompts"], self.kinds, {"image": image, "video": image, "audio": speech})
-        from ola.model.builder import load_pretrained_model
-
-        torch.cuda.set_device(self.device)  # Ola's loader says "cuda": make that this process's GPU
-        with contextlib.chdir(path):  # the config's speech encoder paths may be relative to the folder
-            tokenizer, model, image_processor, _ = load_pretrained_model(str(path), None, device=str(self.device))
+        tokenizer, model, image_processor = self.load_model(path)
         image_processor.do_resize = False  # Ola's anyres processing resizes by itself
         image_processor.do_center_crop = False
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -161,6 +215,28 @@ class OlaBackbone(Backbone):
             "class_token_ids": tokenizer(self.config["class_token"], add_special_tokens=False)["input_ids"],
             "prompts_resolved": {k: self._pre.prompt(k) for k in self.kinds},
         }
+
+    def load_model(self, path):
+        """Ola's ``load_pretrained_model`` (no LoRA, no base model, no quantisation) on ``self.device``."""
+        from transformers import AutoTokenizer
+
+        from ola.model import OlaQwenForCausalLM
+        from ola.model.speech_encoder.builder import build_speech_encoder
+
+        options = {"attn_implementation": "sdpa"} if self.fast else {}  # plain: Ola's own choice
+        try:
+            with _in_folder(path), _clip_processor_offline():  # the config's encoder paths may be relative
+                tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
+                model = OlaQwenForCausalLM.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=self.dtype,
+                                                           **options)
+                model.get_model().speech_encoder = build_speech_encoder(model.config)
+                model.resize_token_embeddings(len(tokenizer))
+                vision_tower = model.get_vision_tower()
+                if not vision_tower.is_loaded:
+                    vision_tower.load_model(device_map=str(self.device))
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"cannot load Ola from {path}: {str(err).splitlines()[0][:300]}") from None
+        return tokenizer, model, vision_tower.image_processor
 
     def preprocessor(self):
         return self._pre
