@@ -310,8 +310,9 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
     ``prune``: successive halving over the specs' groups (see the module docstring).
     ``label``: what the progress bar calls the sweep (grid, compare, robustness).
-    ``stack``: train the runs of a stackable method that differ only in seed, lr and weight decay
-    together (``heads/stacked.py``): ``auto`` does on a GPU, ``on`` everywhere, ``off`` never. On a GPU
+    ``stack``: train runs that differ only in seed, lr, weight decay and their method's
+    ``stack_options`` together (``heads/stacked.py``, ``can_stack``): ``auto`` does on a GPU, ``on``
+    everywhere, ``off`` never. On a GPU
     the other runs train one at a time in this process (``workers`` applies to the CPU).
 
     Everything that can be checked without training is checked before ``folder`` is made, and a
