@@ -181,6 +181,22 @@ class FitResult:
     precision: str = "fp32"  # the precision it trained in
 
 
+def prepared(split, standardizer, device: torch.device):
+    """``split`` standardised and on ``device``, made once per process for each (device, statistics):
+    the runs of a sweep that read the same split with the same statistics (every seed without
+    ``--missing-train``, a stack of 30 configs) share one copy instead of holding one each. Kept on
+    the raw split, so it lives as long as the data does; the copies are never written to."""
+    if any(b.device.type == "meta" for b in standardizer.buffers()):  # no values to tell statistics apart
+        return standardizer.apply_split(split.to(device))
+    stats = torch.cat([b.detach().flatten().double().cpu() for b in standardizer.buffers()]) if standardizer.active \
+        else torch.zeros(0, dtype=torch.float64)
+    key = (str(device), standardizer.mode, stats.numpy().tobytes())
+    cache = split.__dict__.setdefault("_prepared", {})
+    if key not in cache:
+        cache[key] = standardizer.apply_split(split.to(device))
+    return cache[key]
+
+
 class Trainer:
     """One run, trainable in stages: ``run(until)`` trains up to an epoch, ``finish`` selects and tests.
 
@@ -231,7 +247,7 @@ class Trainer:
         """The splits the loop reads: standardised once with the fitted statistics and moved to the
         device once (``train``/``val``/``test`` stay the raw host splits, for reports on masks)."""
         std = self.model.standardizer  # already on the device: the map runs there, on the moved split
-        self.ready = {name: std.apply_split(getattr(self, name).to(self.device)) for name in ("train", "val", "test")}
+        self.ready = {name: prepared(getattr(self, name), std, self.device) for name in ("train", "val", "test")}
 
     # A checkpoint is the trainer without its data (rebuilt from the cache), its device-side splits
     # and its generator (saved as a state): tensors are saved on the host and re-homed on load.

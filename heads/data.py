@@ -103,6 +103,10 @@ class SplitTensors:
         masks, complete = host
         return {m: n if complete[m] else int(masks[m][index].sum()) for m in masks}
 
+    def __getstate__(self) -> dict:
+        """Pickled (to worker processes) without the prepared copies a trainer may have cached on it."""
+        return {k: v for k, v in self.__dict__.items() if k != "_prepared"}
+
     @property
     def device(self) -> torch.device:
         return self.y.device

@@ -229,3 +229,19 @@ def test_every_method_trains_and_predicts_where_its_tensors_are(method):
     model.train_step(batch)
     model.train_step(batch)
     assert model.logits(batch).device.type == "meta"
+
+
+def test_runs_reading_the_same_split_share_one_prepared_copy():
+    """Seeds without masking read the same split with the same statistics: one standardised copy for
+    all (a stack of 30 configs on a GPU holds the data once); other statistics get their own."""
+    data = random_data()
+    a = Trainer(data, TrainConfig(method="concat", epochs=1, hidden=8, device="cpu", seed=0))
+    b = Trainer(data, TrainConfig(method="late", epochs=1, hidden=8, device="cpu", seed=1))
+    assert all(a.ready[s] is b.ready[s] for s in ("train", "val", "test"))
+    c = Trainer(data, TrainConfig(method="concat", epochs=1, hidden=8, device="cpu", standardize="modality"))
+    assert c.ready["train"] is not a.ready["train"]
+    masked = Trainer(data, TrainConfig(method="concat", epochs=1, hidden=8, device="cpu", missing_train=0.2))
+    assert masked.ready["train"] is not a.ready["train"]
+    import pickle
+
+    assert "_prepared" not in pickle.loads(pickle.dumps(data.train)).__dict__
