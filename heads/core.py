@@ -378,9 +378,11 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
     torch.save({"config": config, "state": result.model.state_dict()}, run_dir / "model.pt")
 
 
-def load_run(run_dir: str | Path):
-    """Rebuild a trained model from a run folder (its config + selected state)."""
+def load_run(run_dir: str | Path, device: str = "cpu"):
+    """Rebuild a trained model from a run folder (its config + selected state), on ``device`` (any
+    device, whichever the run trained on: the state is saved from the host's view)."""
     from heads.data import DataSpec
+    from heads.device import resolve_device
 
     saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -388,5 +390,6 @@ def load_run(run_dir: str | Path):
     model = build_model(cfg, DataSpec(**saved["config"]["spec"]))
     model.load_state_dict(saved["state"])
     model.precision = saved["config"].get("used", {}).get("precision", "fp32")  # as it was trained and selected
+    model.to(resolve_device(device))
     model.eval()
     return model, cfg

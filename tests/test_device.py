@@ -245,3 +245,17 @@ def test_runs_reading_the_same_split_share_one_prepared_copy():
     import pickle
 
     assert "_prepared" not in pickle.loads(pickle.dumps(data.train)).__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_trained_on_the_cpu_reloads_on_the_gpu_with_the_same_predictions(tmp_path):
+    from heads.core import load_run
+
+    data = random_data()
+    trainer = Trainer(data, TrainConfig(method="edm", epochs=2, hidden=8, device="cpu"))
+    trainer.run(2)
+    trainer.finish(tmp_path / "run")
+    on_cpu, _ = load_run(tmp_path / "run", "cpu")
+    on_gpu, _ = load_run(tmp_path / "run", "cuda")
+    assert torch.equal(predict(on_cpu, data.val, data.spec.modalities, 8),
+                       predict(on_gpu, data.val.to("cuda"), data.spec.modalities, 8).cpu())
