@@ -2,8 +2,9 @@
 
 A method states only what differs from the others: which modules it has, how one batch updates
 them (``train_step``), and how it predicts when only some modalities are present (``logits``).
-The epoch loop, evaluation, selection on validation, seeding, logging and checkpointing live once,
-in ``heads/core.py``. Anything inference depends on (an order, a memory state) must be a buffer or
+The epoch loop, selection on validation, seeding, logging and checkpointing live once, in
+``heads/core.py``; evaluation in ``heads/evaluation.py``; the stacked form of the loop for GPU grids in
+``heads/stacked.py`` (a method opts in with ``stackable`` or ``stack_chain``). Anything inference depends on (an order, a memory state) must be a buffer or
 parameter, so that the selected checkpoint and a reloaded model carry it.
 """
 from __future__ import annotations

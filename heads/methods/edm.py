@@ -20,7 +20,7 @@ sample's present modalities in the order of the last trained epoch, the order th
 checkpoint's validation score was measured with; a sample's absent modality is skipped (its state
 passes through unchanged). Alignment looks across the batch, so predictions depend on which samples
 share an evaluation batch: the core fixes the batches by a seeded, label- and name-blind order of the
-samples' own features (``heads.core.evaluation_order``; never sorted ids, which encode the class).
+samples' own features (``heads.evaluation.evaluation_order``; never sorted ids, which encode the class).
 
 Training defaults (``training``): the paper's AdamW at lr 1e-4; weight decay, schedule and batch size
 are not stated (choices: torch's AdamW default 0.01, no schedule, the baselines' batch 64).
