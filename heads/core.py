@@ -197,6 +197,19 @@ def prepared(split, standardizer, device: torch.device):
     return cache[key]
 
 
+def masked_splits(data: HeadData, cfg: TrainConfig):
+    """``(train, val, test)`` as a run with ``cfg`` sees them: masked with its seed at ``missing_train``
+    (all three, the MLA protocol) and ``missing_test`` (test only), on the host."""
+    train, val, test = data.train, data.val, data.test
+    if cfg.missing_train > 0:
+        train = train.with_missing(cfg.missing_train, cfg.seed + 101)
+        val = val.with_missing(cfg.missing_train, cfg.seed + 202)
+        test = test.with_missing(cfg.missing_train, cfg.seed + 303)
+    if cfg.missing_test > 0:
+        test = test.with_missing(cfg.missing_test, cfg.seed + 404)
+    return train, val, test
+
+
 class Trainer:
     """One run, trainable in stages: ``run(until)`` trains up to an epoch, ``finish`` selects and tests.
 
@@ -213,13 +226,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.data = data
-        self.train, self.val, self.test = data.train, data.val, data.test
-        if cfg.missing_train > 0:
-            self.train = self.train.with_missing(cfg.missing_train, cfg.seed + 101)
-            self.val = self.val.with_missing(cfg.missing_train, cfg.seed + 202)
-            self.test = self.test.with_missing(cfg.missing_train, cfg.seed + 303)
-        if cfg.missing_test > 0:
-            self.test = self.test.with_missing(cfg.missing_test, cfg.seed + 404)
+        self.train, self.val, self.test = masked_splits(data, cfg)
         self.model = model or build_model(cfg, data.spec)
         if not bool(self.model.standardizer.fitted):
             self.model.standardizer.fit(self.train)  # training statistics only, as the model will be used

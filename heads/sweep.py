@@ -120,9 +120,12 @@ def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:
     The split is the one ``--missing-test`` draws (the core builds it, so the masks are identical to
     those of a run trained with that option).
     """
+    from heads.core import masked_splits
+
     cfg = resolve_training(cfg)
-    masked = Trainer(data, replace(cfg, missing_test=rate), model=model).test
-    report = evaluate(model, masked, data.spec, cfg.eval_batch_size or cfg.batch_size)
+    masked = masked_splits(data, replace(cfg, missing_test=rate))[2]
+    device = next(model.parameters()).device  # wherever the model is (the trainer's device, or the host)
+    report = evaluate(model, masked.to(device), data.spec, cfg.eval_batch_size or cfg.batch_size)
     return {**report.to_json(), **_realised(data.test, masked)}
 
 
