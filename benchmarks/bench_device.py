@@ -34,24 +34,7 @@ from cache.synthetic import builtin_cache  # noqa: E402
 from heads.core import TrainConfig, Trainer  # noqa: E402
 from heads.data import load_head_data  # noqa: E402
 from heads.device import cpu_native_bf16  # noqa: E402
-from heads.training import SHARED  # noqa: E402
-
-SAME = {"optimizer": SHARED.optimizer, "lr": SHARED.lr, "weight_decay": SHARED.weight_decay,
-        "schedule": SHARED.schedule, "batch_size": SHARED.batch_size}
-
-
-def matmul_gflops(batch: int, dims: list[int], hidden: int, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of the head's dominant products (forward and weight gradient) at this batch size."""
-    xs = [torch.randn(batch, d) for d in dims]
-    ws = [torch.randn(hidden, d) for d in dims]
-    gs = [torch.randn(batch, hidden) for _ in dims]
-    for x, w, g in zip(xs, ws, gs):
-        x @ w.T, g.T @ x
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for x, w, g in zip(xs, ws, gs):
-            x @ w.T, g.T @ x
-    return repeats * sum(4 * batch * d * hidden for d in dims) / (time.perf_counter() - start) / 1e9
+from bench_heads import SAME, matmul_gflops  # noqa: E402  (the same bound as bench_heads.py)
 
 
 def cpu_ratio(epochs: int) -> None:
@@ -62,7 +45,7 @@ def cpu_ratio(epochs: int) -> None:
                 for p in precisions}
     rates = []
     for epoch in range(1, epochs + 1):  # interleaved, so a slow spell of the machine hits all alike
-        rates.append(matmul_gflops(SAME["batch_size"], dims, 256))
+        rates.append(matmul_gflops(SAME["batch_size"], dims, 256, repeats=5))
         for t in trainers.values():
             t.run(epoch)
     results = {p: t.finish() for p, t in trainers.items()}

@@ -41,16 +41,22 @@ def assert_same(alone: list[Trainer], stacked: list[Trainer]) -> None:
             torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_stacked_runs_train_as_they_do_alone(data, optimizer):
-    cfgs = [dataclasses.replace(c, optimizer=optimizer) for c in configs()]
+def alone_and_stacked(data, cfgs, epochs: int) -> tuple[list[Trainer], StackedTrainer]:
+    """The runs of ``cfgs`` trained one by one, and the same runs trained stacked, to ``epochs``."""
     alone = []
     for c in cfgs:
         t = Trainer(data, c)
-        t.run(3)
+        t.run(epochs)
         alone.append(t)
     stack = StackedTrainer([Trainer(data, c) for c in cfgs])
-    stack.run(3)
+    stack.run(epochs)
+    return alone, stack
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_stacked_runs_train_as_they_do_alone(data, optimizer):
+    cfgs = [dataclasses.replace(c, optimizer=optimizer) for c in configs()]
+    alone, stack = alone_and_stacked(data, cfgs, 3)
     assert_same(alone, stack.trainers)
     assert all(t.stacked_with == 4 for t in stack.trainers)
 
@@ -58,14 +64,8 @@ def test_stacked_runs_train_as_they_do_alone(data, optimizer):
 def test_stacked_runs_with_their_own_masks_train_as_alone(data):
     """``--missing-train``: each seed masks other samples, so each run reads its own data copy."""
     cfgs = configs("late", missing_train=0.3)
-    alone = []
-    for c in cfgs:
-        t = Trainer(data, c)
-        t.run(2)
-        alone.append(t)
-    stack = StackedTrainer([Trainer(data, c) for c in cfgs])
+    alone, stack = alone_and_stacked(data, cfgs, 2)
     assert not stack.shared
-    stack.run(2)
     assert_same(alone, stack.trainers)
 
 
@@ -130,13 +130,7 @@ def test_every_stackable_method_trains_stacked_as_alone(data, method):
     """Each method that declares itself stackable really is: vmap runs its loss, and the result is
     the runs' own (this is what keeps a new method's ``stackable = True`` honest)."""
     cfgs = configs(method)[:2]
-    alone = []
-    for c in cfgs:
-        t = Trainer(data, dataclasses.replace(c, epochs=2))
-        t.run(2)
-        alone.append(t)
-    stack = StackedTrainer([Trainer(data, dataclasses.replace(c, epochs=2)) for c in cfgs])
-    stack.run(2)
+    alone, stack = alone_and_stacked(data, [dataclasses.replace(c, epochs=2) for c in cfgs], 2)
     assert_same(alone, stack.trainers)
 
 
@@ -148,13 +142,7 @@ def test_stacked_edm_runs_train_as_alone(data, options):
     base = TrainConfig(method="edm", epochs=3, hidden=16, device="cpu", threads=1)
     cfgs = [dataclasses.replace(base, seed=s, lr=lr, options={**options, "tau": tau})
             for s, lr, tau in ((0, 1e-3, 0.3), (1, 1e-3, 0.6), (0, 3e-3, 0.0))]
-    alone = []
-    for c in cfgs:
-        t = Trainer(data, c)
-        t.run(3)
-        alone.append(t)
-    stack = StackedTrainer([Trainer(data, c) for c in cfgs])
-    stack.run(3)
+    alone, stack = alone_and_stacked(data, cfgs, 3)
     assert_same(alone, stack.trainers)
     for a, b in zip(alone, stack.trainers):
         assert [r["order"] for r in a.rows] == [r["order"] for r in b.rows]
