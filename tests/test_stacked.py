@@ -61,9 +61,11 @@ def test_stacked_runs_train_as_they_do_alone(data, optimizer):
     assert all(t.stacked_with == 4 for t in stack.trainers)
 
 
-def test_stacked_runs_with_their_own_masks_train_as_alone(data):
-    """``--missing-train``: each seed masks other samples, so each run reads its own data copy."""
-    cfgs = configs("late", missing_train=0.3)
+@pytest.mark.parametrize("method", ["late", "concat"])
+def test_stacked_runs_with_their_own_masks_train_as_alone(data, method):
+    """``--missing-train``: each seed masks other samples, so each run reads its own data copy, and a
+    batch is complete for one run and not for another (concat then must take its masked path)."""
+    cfgs = configs(method, missing_train=0.3)
     alone, stack = alone_and_stacked(data, cfgs, 2)
     assert not stack.shared
     assert_same(alone, stack.trainers)
