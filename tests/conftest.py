@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.heads_fast)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models train much faster on one thread than with the CPU's threads contended."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_av(tmp_path_factory) -> Path:
     """The `av` preset at 15% size (about 1000 train+val, 110 test samples)."""

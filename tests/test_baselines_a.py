@@ -226,15 +226,6 @@ def four_modality_cache(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Small models train ~10× faster on one thread than with the CPU's threads contended (as test_grid)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     from cache.synthetic import builtin_cache
 

@@ -25,11 +25,8 @@ BASE = TrainConfig(method="edm", epochs=4, hidden=16, batch_size=64)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Every test here on one thread (the shared fixture in conftest.py)."""
 
 
 @pytest.fixture(scope="module")
