@@ -28,11 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m heads_fast
 
-# Mutation testing of heads/methods, heads/metrics.py and heads/evaluation.py against the
+# Mutation testing of heads/methods, heads/metrics.py, heads/train/evaluation.py and heads/blocks/order.py against the
 # fast tests ([tool.mutmut] in pyproject.toml). One worker by default (MUTATE_JOBS=n for more);
 # survivors: `$(BIN)/mutmut results`, `$(BIN)/mutmut show NAME`; see tests/MUTANTS.md.
 MUTATE_JOBS ?= 1
-MUTANTS ?= 'heads.methods.*' 'heads.metrics.*' 'heads.evaluation.*'
+MUTANTS ?= 'heads.methods.*' 'heads.metrics.*' 'heads.train.evaluation.*' 'heads.blocks.order.*'
 mutate: $(STAMP)
 	rm -rf mutants
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cache.synthetic import builtin_cache  # noqa: E402
-from heads.core import TrainConfig, Trainer  # noqa: E402
-from heads.data import load_head_data  # noqa: E402
-from heads.device import cpu_native_bf16  # noqa: E402
+from heads.train.config import TrainConfig  # noqa: E402
+from heads.train.trainer import Trainer
+from heads.blocks.data import load_head_data  # noqa: E402
+from heads.blocks.device import cpu_native_bf16  # noqa: E402
 from bench_heads import SAME, matmul_gflops  # noqa: E402  (the same bound as bench_heads.py)
 
 
@@ -76,7 +77,7 @@ def evaluation_share(epochs: int) -> None:
 
 
 def gpu_figures(epochs: int) -> None:
-    from heads.grid import run_grid
+    from heads.sweeps.grid import run_grid
 
     if not torch.cuda.is_available():
         print("3. GPU: torch sees no CUDA device here; these figures need one (same command there)")

@@ -25,10 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cache.synthetic import builtin_cache  # noqa: E402
-from heads.core import TrainConfig, fit  # noqa: E402
-from heads.data import load_head_data  # noqa: E402
-from heads.grid import expand, parse_values, run_grid  # noqa: E402
-from heads.sweep import default_workers, halving_milestones  # noqa: E402
+from heads.train.config import TrainConfig  # noqa: E402
+from heads.train.trainer import fit
+from heads.blocks.data import load_head_data  # noqa: E402
+from heads.sweeps.axes import expand, parse_values  # noqa: E402
+from heads.sweeps.grid import run_grid
+from heads.sweeps.sweep import halving_milestones  # noqa: E402
+from heads.sweeps.workers import default_workers
 
 
 def sampled(items: list, k: int) -> list:

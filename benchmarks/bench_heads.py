@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cache.synthetic import builtin_cache  # noqa: E402
-from heads.core import TrainConfig, Trainer  # noqa: E402
-from heads.data import load_head_data  # noqa: E402
+from heads.train.config import TrainConfig  # noqa: E402
+from heads.train.trainer import Trainer
+from heads.blocks.data import load_head_data  # noqa: E402
 from heads.methods import METHODS  # noqa: E402
-from heads.training import SHARED  # noqa: E402
+from heads.blocks.optim import SHARED  # noqa: E402
 
 SAME = {"optimizer": SHARED.optimizer, "lr": SHARED.lr, "weight_decay": SHARED.weight_decay,
         "schedule": SHARED.schedule, "batch_size": SHARED.batch_size}

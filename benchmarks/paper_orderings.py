@@ -46,7 +46,7 @@ def main() -> None:
     args = sys.argv[1:]
     if not args or len(args) % 2:
         raise SystemExit("usage: paper_orderings.py FOLDER DATASET [FOLDER DATASET …]")
-    tables = json.loads((ROOT / "heads" / "paper_tables.json").read_text())
+    tables = json.loads((ROOT / "heads" / "reports" / "paper_tables.json").read_text())
     for folder, dataset in zip(args[::2], args[1::2]):
         measured = ours(Path(folder))
         for name in ("edm", "mla", "ccat"):

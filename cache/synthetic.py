@@ -154,3 +154,22 @@ def builtin_cache(preset: str, root: str | Path = "data/builtin") -> Path:
     if not (path / "manifest.parquet").exists():
         make_synthetic(path, preset, overwrite=True)  # a folder left without a manifest is not a cache yet
     return path
+
+# Where built-in presets are generated on first use (the repository's data/builtin, as cli.py had it).
+BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "data" / "builtin"
+
+
+def resolve_caches(spec: str, builtin_root: Path = BUILTIN_ROOT) -> list[Path]:
+    """``--cache``: a cache folder, several joined with ',' (one per backbone), or a built-in preset."""
+    paths = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path = Path(part)
+        if path.exists():
+            paths.append(path)
+        elif part in PRESETS:
+            paths.append(builtin_cache(part, builtin_root))
+        else:
+            raise CacheError(f"no cache at {part} (and it is not a built-in preset: {', '.join(PRESETS)})")
+    if not paths:
+        raise CacheError("--cache is empty")
+    return paths

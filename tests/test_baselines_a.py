@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from heads.core import TrainConfig, build_model, fit
-from heads.data import Batch, DataSpec, load_head_data
+from heads.train.config import build_model, TrainConfig
+from heads.train.trainer import fit
+from heads.blocks.data import Batch, DataSpec, load_head_data
 
 SPEC2 = DataSpec(["a", "v"], {"a": 6, "v": 4}, {"a": 1, "v": 1}, 3, ["x", "y", "z"], 0)
 SPEC3 = DataSpec(["a", "v", "t"], {"a": 6, "v": 4, "t": 5}, dict.fromkeys("avt", 1), 3, ["x", "y", "z"], 0)

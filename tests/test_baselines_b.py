@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from heads.core import TrainConfig, build_model, fit
-from heads.data import Batch, DataSpec, load_head_data
+from heads.train.config import build_model, TrainConfig
+from heads.train.trainer import fit
+from heads.blocks.data import Batch, DataSpec, load_head_data
 from heads.methods.mmpareto import pareto_weights
 
 SPEC = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)

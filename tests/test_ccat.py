@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from heads.core import TrainConfig, Trainer, build_model, fit, parse_option_args
-from heads.data import Batch, DataSpec, load_head_data
+from heads.train.config import build_model, TrainConfig
+from heads.train.options import parse_option_args
+from heads.train.trainer import fit, Trainer
+from heads.blocks.data import Batch, DataSpec, load_head_data
 from heads.methods.ccat import contribution_gap, contributions
 
 SPEC = DataSpec(modalities=["a", "v"], dims={"a": 5, "v": 3}, tokens={"a": 1, "v": 1}, num_classes=4,
@@ -255,7 +257,7 @@ def test_secondary_update_selects_a_fraction_that_rises_with_beta_on_the_builtin
     from pathlib import Path
 
     from cache.synthetic import builtin_cache
-    from heads.core import Trainer
+    from heads.train.trainer import Trainer
 
     data = load_head_data([builtin_cache(preset, Path(__file__).resolve().parent.parent / "data" / "builtin")])
     trainer = Trainer(data, TrainConfig(method="ccat", epochs=5, seed=0, options={"pretrain_epochs": 2, "secondary": False}))

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from heads import metrics
-from heads.core import TrainConfig, Trainer, build_model
-from heads.evaluation import evaluate, predict, predict_subsets
-from heads.data import Batch, DataSpec, HeadData, SplitTensors
-from heads.device import DeviceError, resolve_device, resolve_precision
+from heads.train.config import build_model, TrainConfig
+from heads.train.trainer import Trainer
+from heads.train.evaluation import evaluate, predict, predict_subsets
+from heads.blocks.data import Batch, DataSpec, HeadData, SplitTensors
+from heads.blocks.device import DeviceError, resolve_device, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def test_device_names_resolve_or_fail_with_what_exists():
 
 
 def test_precision_is_fp32_unless_asked_and_auto_needs_native_bf16(monkeypatch):
-    from heads import device
+    from heads.blocks import device
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu, 64, 32, 16) == "fp32"
@@ -139,7 +140,7 @@ def test_batched_subsets_give_the_predictions_of_one_pass_per_subset():
 
 
 def test_stacked_subset_batch_makes_the_outside_modalities_absent():
-    from heads.evaluation import _stack_subsets
+    from heads.train.evaluation import _stack_subsets
 
     x = {"a": torch.ones(2, 3), "b": 2 * torch.ones(2, 3)}
     batch = Batch(x, {m: t[:, None] for m, t in x.items()}, {m: torch.ones(2, dtype=torch.bool) for m in x},
@@ -152,7 +153,7 @@ def test_stacked_subset_batch_makes_the_outside_modalities_absent():
 
 def test_edm_with_alignment_keeps_one_pass_per_subset(monkeypatch):
     """Alignment mixes a batch's samples, so stacking subsets into one batch would change v(S)."""
-    from heads import evaluation
+    from heads.train import evaluation
 
     data = random_data(modalities=2)
     model = build_model(TrainConfig(method="edm", hidden=8, device="cpu"), data.spec)
@@ -170,7 +171,7 @@ def test_beyond_eight_modalities_phi_is_sampled_with_its_standard_error():
     model.standardizer.fit(data.train)
     report = evaluate(model, data.val, data.spec, 10, permutations=12)
     assert report.shapley == "sampled (12 permutations)" and set(report.phi_stderr) == set(data.spec.modalities)
-    orders = metrics.sample_permutations(data.spec.modalities, 12, seed=__import__("heads.evaluation").evaluation.EVAL_ORDER_SEED)
+    orders = metrics.sample_permutations(data.spec.modalities, 12, seed=__import__("heads.blocks.order").blocks.order.EVAL_ORDER_SEED)
     assert len(report.v) == len(set(metrics.permutation_subsets(orders)) | {frozenset([m]) for m in data.spec.modalities})
     phi, stderr = metrics.shapley_from_permutations(report.v, orders)
     assert phi == report.phi and stderr == report.phi_stderr
@@ -188,7 +189,7 @@ def test_up_to_eight_modalities_phi_is_exact():
 def test_a_moved_split_carries_its_host_order_and_masks():
     """The evaluation order is a float64 reduction: computed on the host before the move, so its bits
     (and so every v(S) of a batch-dependent method) do not depend on the device."""
-    from heads.evaluation import evaluation_order
+    from heads.blocks.order import evaluation_order
 
     split = random_data().val
     assert split.to("cpu") is split
@@ -249,7 +250,7 @@ def test_runs_reading_the_same_split_share_one_prepared_copy():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_run_trained_on_the_cpu_reloads_on_the_gpu_with_the_same_predictions(tmp_path):
-    from heads.core import load_run
+    from heads.train.rundir import load_run
 
     data = random_data()
     trainer = Trainer(data, TrainConfig(method="edm", epochs=2, hidden=8, device="cpu"))

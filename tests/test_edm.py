@@ -4,10 +4,12 @@ import dataclasses
 import pytest
 import torch
 
-from heads.core import TrainConfig, build_model, fit, load_run
-from heads.evaluation import Report, evaluate, predict
-from heads.data import Batch, DataSpec, load_head_data
-from heads.modules import Alignment, MemoryCell
+from heads.train.config import build_model, TrainConfig
+from heads.train.rundir import load_run
+from heads.train.trainer import fit
+from heads.train.evaluation import evaluate, predict, Report
+from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.modules import Alignment, MemoryCell
 
 SPEC3 = DataSpec(modalities=["a", "b", "c"], dims={"a": 6, "b": 4, "c": 5}, tokens=dict.fromkeys("abc", 1),
                  num_classes=3, class_names=["x", "y", "z"], majority_class=0)

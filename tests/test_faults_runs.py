@@ -20,9 +20,12 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads import grid, sweep
-from heads.core import OptionError, Trainer, TrainConfig
-from heads.data import load_head_data
+from heads.sweeps import axes as grid_axes
+from heads.sweeps import grid, sweep
+from heads.errors import OptionError
+from heads.train.config import TrainConfig
+from heads.train.trainer import Trainer
+from heads.blocks.data import load_head_data
 from tests.conftest import ROOT
 
 
@@ -210,7 +213,7 @@ def test_report_refuses_an_existing_out_unless_overwrite(tiny, tmp_path):
 def test_a_huge_range_is_refused_from_its_ends():
     start = time.perf_counter()
     with pytest.raises(OptionError, match="has 1,000,001 values"):
-        grid.parse_values("edm", "tau", "0:1000000:1")
+        grid_axes.parse_values("edm", "tau", "0:1000000:1")
     assert time.perf_counter() - start < 1
 
 
@@ -218,18 +221,18 @@ def test_a_large_grid_asks_for_yes_before_anything_loads(tmp_path):
     result = invoke("grid", "--method", "concat", "--hidden", "1:201:1", "--seeds", 1, "--epochs", 1, "--workers", 1,
                     "--cache", "/no/such/cache", "--quiet", "--out", tmp_path)
     one_line_error(result, "the grid has 201 runs (201 config(s) × 1 seed(s)); add --yes")  # the cache is not read
-    assert grid.check_size({"hidden": list(range(201))}, [0], yes=True) == 201
+    assert grid_axes.check_size({"hidden": list(range(201))}, [0], yes=True) == 201
     with pytest.raises(OptionError, match="more than the 100,000 allowed"):
-        grid.check_size({"hidden": list(range(1000)), "lr": list(range(1000))}, [0], yes=True)
-    assert grid.planned_runs({"rank": [1, 2], "beta": [0.1, 0.2, 0.3], "tau": [0.5]}, [0, 1], "ccat") == 10
+        grid_axes.check_size({"hidden": list(range(1000)), "lr": list(range(1000))}, [0], yes=True)
+    assert grid_axes.planned_runs({"rank": [1, 2], "beta": [0.1, 0.2, 0.3], "tau": [0.5]}, [0, 1], "ccat") == 10
     assert not list(tmp_path.iterdir())
 
 
 def test_a_bad_value_of_an_outer_axis_fails_after_a_few_builds(tiny, monkeypatch, tmp_path):
     """``validate_axes`` tries each value once before the product: 2 builds, not 150."""
     builds = []
-    real = grid.build_model
-    monkeypatch.setattr(grid, "build_model", lambda cfg, spec: builds.append(cfg) or real(cfg, spec))
+    real = grid_axes.build_model
+    monkeypatch.setattr(grid_axes, "build_model", lambda cfg, spec: builds.append(cfg) or real(cfg, spec))
     axes = {"tau": [0.1, 1.5], "hidden": list(range(1, 151))}
     with pytest.raises(ValueError, match="--tau must lie in"):
         grid.run_grid(load_head_data([tiny]), "edm", axes, [0], TrainConfig(method="edm", epochs=1),

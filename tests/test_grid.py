@@ -16,10 +16,13 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads import grid, sweep
-from heads.core import OptionError, Trainer, TrainConfig, fit
-from heads.data import SplitTensors, load_head_data
-from heads.robustness import parse_protocols, parse_rates, run_robustness
+from heads.sweeps import axes as grid_axes
+from heads.sweeps import grid, sweep
+from heads.errors import OptionError
+from heads.train.config import TrainConfig
+from heads.train.trainer import fit, Trainer
+from heads.blocks.data import load_head_data, SplitTensors
+from heads.sweeps.robustness import parse_protocols, parse_rates, run_robustness
 
 BASE = TrainConfig(method="edm", epochs=4, hidden=16, batch_size=64)
 
@@ -81,16 +84,16 @@ def outcome_of(records):
 
 # --- axes ----------------------------------------------------------------------------------------
 def test_ranges_are_inclusive_and_exact():
-    taus = grid.parse_values("edm", "tau", "0.0:0.9:0.1")
+    taus = grid_axes.parse_values("edm", "tau", "0.0:0.9:0.1")
     assert taus == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     assert 0.3 in taus and 0.30000000000000004 not in taus
-    assert grid.parse_values("edm", "tau", "0.1:0.7:0.2") == [0.1, 0.3, 0.5, 0.7]  # 0.6/0.2 = 2.9999…
-    assert grid.parse_values("edm", "memory_dim", "0:64:32") == [0, 32, 64]
-    assert grid.parse_values("edm", "lr", "1e-3,3e-3,1e-3") == [0.001, 0.003]  # duplicates dropped
+    assert grid_axes.parse_values("edm", "tau", "0.1:0.7:0.2") == [0.1, 0.3, 0.5, 0.7]  # 0.6/0.2 = 2.9999…
+    assert grid_axes.parse_values("edm", "memory_dim", "0:64:32") == [0, 32, 64]
+    assert grid_axes.parse_values("edm", "lr", "1e-3,3e-3,1e-3") == [0.001, 0.003]  # duplicates dropped
 
 
 def test_axis_words_become_axes():
-    axes = grid.parse_axis_args("edm", ["--tau=0.3", "--no-align", "--order", "fixed,random", "--batch-size", "32,64",
+    axes = grid_axes.parse_axis_args("edm", ["--tau=0.3", "--no-align", "--order", "fixed,random", "--batch-size", "32,64",
                                         "--initial-order", "audio,visual|visual,audio", "--memory"])
     assert axes == {"tau": [0.3], "align": [False], "order": ["fixed", "random"], "batch_size": [32, 64],
                     "initial_order": ["audio,visual", "visual,audio"], "memory": [True]}
@@ -114,11 +117,11 @@ def test_axis_words_become_axes():
 ])
 def test_bad_axes_are_refused(words, message):
     with pytest.raises(OptionError, match=re.escape(message)):
-        grid.parse_axis_args("edm", words)
+        grid_axes.parse_axis_args("edm", words)
 
 
 def test_expand_names_runs_by_the_varying_axes():
-    specs = grid.expand("edm", {"tau": [0.1, 0.5], "order": ["fixed"], "lr": [0.01]}, BASE, [0, 3])
+    specs = grid_axes.expand("edm", {"tau": [0.1, 0.5], "order": ["fixed"], "lr": [0.01]}, BASE, [0, 3])
     assert [s.name for s in specs] == ["tau=0.1-seed0", "tau=0.1-seed3", "tau=0.5-seed0", "tau=0.5-seed3"]
     assert {s.cfg.options["order"] for s in specs} == {"fixed"} and {s.cfg.lr for s in specs} == {0.01}
     assert [s.cfg.options["tau"] for s in specs] == [0.1, 0.1, 0.5, 0.5] and specs[1].cfg.seed == 3
@@ -457,11 +460,12 @@ def test_masks_are_drawn_uniformly_when_the_rate_allows():
 def test_the_grid_report_names_the_tied_configs_and_the_rule():
     import dataclasses as dc
 
-    from heads.report import grid_markdown
+    from heads.reports.tables import grid_markdown
 
     records = [record("0.1", 0, 80, 10, loss=0.9), record("0.3", 0, 80, 20, loss=0.7), record("0.5", 0, 70, 30)]
     sel = grid.select(records)
-    info = {"method": "edm", "protocol": "joint", "seeds": [0], "prune": False, "selected": dc.asdict(sel)}
+    info = {"method": "edm", "protocol": "joint", "seeds": [0], "prune": False, "selected": dc.asdict(sel),
+            "tie_rule": grid.TIE_RULE}
     text = grid_markdown(info, grid.summarize(records))
     assert "Tied on validation accuracy: `0.1`, `0.3`" in text and grid.TIE_RULE in text
     untied = {**info, "selected": {**dc.asdict(sel), "tied": []}}

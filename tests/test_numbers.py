@@ -8,13 +8,16 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads.core import Trainer, TrainConfig, build_model, fit, load_run, resolve_training
-from heads.evaluation import evaluate, evaluation_order, predict
-from heads.data import Batch, DataSpec, SplitTensors, load_head_data
+from heads.train.config import build_model, resolve_training, TrainConfig
+from heads.train.rundir import load_run
+from heads.train.trainer import fit, Trainer
+from heads.blocks.order import evaluation_order
+from heads.train.evaluation import evaluate, predict
+from heads.blocks.data import Batch, DataSpec, load_head_data, SplitTensors
 from heads.methods import METHODS
 from heads.methods.ogm_ge import coefficient
-from heads.standardize import Standardizer
-from heads.training import scheduled_lr
+from heads.blocks.standardize import Standardizer
+from heads.blocks.optim import scheduled_lr
 
 SPEC = DataSpec(["a", "v"], {"a": 3, "v": 2}, {"a": 1, "v": 1}, 3, ["x", "y", "z"], 0)
 

@@ -1,4 +1,4 @@
-"""The papers' tables as data (heads/paper_tables.json) and `compare --paper`."""
+"""The papers' tables as data (heads/reports/paper_tables.json) and `compare --paper`."""
 import copy
 import re
 import subprocess
@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from heads import papers
+from heads.reports import papers
 from heads.importer import import_npz
 from heads.methods import METHODS
-from heads.report import paper_results_table
+from heads.reports.tables import paper_results_table
 from tests.conftest import ROOT
 
 PAPERS_DIR = ROOT.parent / "shared" / "papers"

@@ -25,9 +25,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from heads.core import TrainConfig, build_model
-from heads.evaluation import evaluate
-from heads.data import Batch, DataSpec, SplitTensors
+from heads.train.config import build_model, TrainConfig
+from heads.train.evaluation import evaluate
+from heads.blocks.data import Batch, DataSpec, SplitTensors
 
 SPEC2 = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
 SPEC3 = DataSpec(["a", "b", "c"], {"a": 6, "b": 4, "c": 5}, dict.fromkeys("abc", 1), 3, ["x", "y", "z"], 0)
@@ -335,7 +335,7 @@ def test_evaluation_order_is_the_seeded_projection_of_every_modality_and_is_kept
     """``evaluation_order``: samples sorted by Σ_m x_m · r_m, one float64 N(0, 1) direction r_m per
     modality drawn in sorted-name order from a generator seeded with EVAL_ORDER_SEED; computed once
     per split (the same tensor object on the next call)."""
-    from heads.evaluation import EVAL_ORDER_SEED, evaluation_order
+    from heads.blocks.order import EVAL_ORDER_SEED, evaluation_order
 
     g = torch.Generator().manual_seed(3)
     x = {"v": torch.randn(200, 3, generator=g), "a": torch.randn(200, 5, generator=g)}
@@ -354,7 +354,7 @@ def test_predict_loss_is_the_mean_cross_entropy_over_all_batches():
     """``predict(with_loss=True)`` sums the per-sample cross-entropy over every batch and divides by N
     (also for N = 1). The hand-set concat head gives logits (11, 0) for a sample with v = (1, 0) and
     (1, 10) for v = (0, 1)."""
-    from heads.evaluation import predict
+    from heads.train.evaluation import predict
 
     spec, model = hand_set_concat()
     y = torch.tensor([0, 1, 1, 1])

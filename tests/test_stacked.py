@@ -1,4 +1,4 @@
-"""Stacked training (``heads/stacked.py``) gives what the runs give alone, here on the CPU (``--stack on``).
+"""Stacked training (``heads/sweeps/stacked.py``) gives what the runs give alone, here on the CPU (``--stack on``).
 
 The stacked runner replaces the batch loop and the optimizer of K runs by batched tensors; these
 tests hold it to the plain ``Trainer``: the same per-epoch validation accuracy, the same selected
@@ -11,10 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from heads import grid
-from heads.core import TrainConfig, Trainer
-from heads.data import load_head_data
-from heads.stacked import StackedTrainer, can_stack, stack_key
+from heads.sweeps import grid
+from heads.train.config import TrainConfig
+from heads.train.trainer import Trainer
+from heads.blocks.data import load_head_data
+from heads.sweeps.stacked import can_stack, stack_key, StackedTrainer
 
 pytestmark = pytest.mark.trains
 

@@ -4,8 +4,9 @@ import pytest
 
 from cache import cache_info, load_split
 from cache.synthetic import make_synthetic
-from heads.core import TrainConfig, fit
-from heads.data import load_head_data
+from heads.train.config import TrainConfig
+from heads.train.trainer import fit
+from heads.blocks.data import load_head_data
 
 
 def test_generator_is_deterministic_and_shaped_like_its_preset(tmp_path):

@@ -1,6 +1,13 @@
-"""The registry of head methods: a plain dict from the name users type to the class."""
+"""The methods wing: one short module per method, and their registry, a plain dict from the name users
+type to the class. Adding one: write its module, import its class and add an entry below.
+
+A method may import the building blocks (``heads.blocks``: batches, standardisation, modules,
+optimizers), ``heads.metrics`` and ``heads.errors``, and other methods it subclasses; never the
+training core (``heads.train``), the sweeps or the reports, which sit above it.
+"""
 from __future__ import annotations
 
+from heads.errors import OptionError
 from heads.methods.base import HeadMethod
 from heads.methods.bigated import BiGated
 from heads.methods.ccat import CCAT
@@ -33,3 +40,10 @@ METHODS: dict[str, type[HeadMethod]] = {
     "lfm": LFM,
     "crmt": CRMT,
 }
+
+
+def method_class(name: str) -> type[HeadMethod]:
+    """The class registered as ``name``; an unknown name is an ``OptionError`` listing the known ones."""
+    if name not in METHODS:
+        raise OptionError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -3,8 +3,8 @@
 A method states only what differs from the others: which modules it has, how one batch updates
 them (``train_step``), and how it predicts when only some modalities are present (``logits``).
 The epoch loop, selection on validation, seeding, logging and checkpointing live once, in
-``heads/core.py``; evaluation in ``heads/evaluation.py``; the stacked form of the loop for GPU grids in
-``heads/stacked.py`` (a method opts in with ``stackable`` or ``stack_chain``). Anything inference depends on (an order, a memory state) must be a buffer or
+``heads/train/trainer.py``; evaluation in ``heads/train/evaluation.py``; the stacked form of the loop for GPU grids in
+``heads/sweeps/stacked.py`` (a method opts in with ``stackable`` or ``stack_chain``). Anything inference depends on (an order, a memory state) must be a buffer or
 parameter, so that the selected checkpoint and a reloaded model carry it.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heads.data import Batch, DataSpec
-from heads.modules import Projection
-from heads.standardize import Standardizer
-from heads.training import FIELD_PROTOCOL, Training, make_optimizer  # noqa: F401  (re-exported for methods)
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.modules import Projection
+from heads.blocks.optim import FIELD_PROTOCOL, Training, make_optimizer  # noqa: F401  (re-exported for methods)
+from heads.blocks.standardize import Standardizer
 
 
 @dataclass
@@ -31,9 +31,9 @@ class HeadMethod(nn.Module, ABC):
 
     Options: type = NoOptions
     summary: str = ""
-    # How the method trains unless told otherwise (its paper or official code; ``heads/training.py``).
+    # How the method trains unless told otherwise (its paper or official code; ``heads/blocks/optim.py``).
     training: Training = FIELD_PROTOCOL
-    # True when configs of this method can train stacked (``heads/stacked.py``): the batch update is
+    # True when configs of this method can train stacked (``heads/sweeps/stacked.py``): the batch update is
     # the inherited ``train_step`` (one ``loss``, one optimizer step) and ``loss``/``logits`` are plain
     # tensor code — no Python ``if`` on tensor values (use ``batch.has(m)``/``batch.full(m)``), no
     # ``.item()``/``float()`` of tensors, no in-place buffer updates, no random draws.

@@ -8,7 +8,7 @@ switches stage and rebuilds the optimizer over the new stage's trainable paramet
 token, ``z_m = P_m(x_m)`` ``[B, T_m, d]`` (T = 1 works), and fused by bidirectional cross-attention:
 for each ordered pair ``a = MHA(q = z_i, k = v = z_j)``, ``h = LN(z_i + a)``, ``f = LN(h + FFN(h))``,
 average-pooled over tokens, summed over the directions (all ordered pairs for M > 2, choice; see
-``heads.modules.BiCrossAttention``; the paper gives no sizes: ``--heads`` 4, FFN d → 4d → d with GELU,
+``heads.blocks.modules.BiCrossAttention``; the paper gives no sizes: ``--heads`` 4, FFN d → 4d → d with GELU,
 ``--ffn-mult``, choice). The shared classifier ``Cls: d → C`` is trained with
 ``CE(Cls(f), y) + λ L_reg`` (λ = ``--lambda-reg``, default 0.001), where the per-sample contributions
 ``c_i = softmax_m(MI_i(z^m, f))`` use the InfoNCE estimate ``MI_i = log B + log softmax_k ⟨f̄_i, z̄^m_k⟩``
@@ -68,8 +68,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.modules import BiCrossAttention, LoRA
 from heads.methods.base import HeadMethod, Training, make_optimizer, mean_probability_logits, projections
-from heads.modules import BiCrossAttention, LoRA
 
 
 @dataclass

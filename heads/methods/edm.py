@@ -20,7 +20,7 @@ sample's present modalities in the order of the last trained epoch, the order th
 checkpoint's validation score was measured with; a sample's absent modality is skipped (its state
 passes through unchanged). Alignment looks across the batch, so predictions depend on which samples
 share an evaluation batch: the core fixes the batches by a seeded, label- and name-blind order of the
-samples' own features (``heads.evaluation.evaluation_order``; never sorted ids, which encode the class).
+samples' own features (``heads.blocks.order.evaluation_order``; never sorted ids, which encode the class).
 
 Training defaults (``training``): the paper's AdamW at lr 1e-4; weight decay, schedule and batch size
 are not stated (choices: torch's AdamW default 0.01, no schedule, the baselines' batch 64).
@@ -33,9 +33,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.modules import Alignment, MemoryCell
 from heads.methods.base import HeadMethod, Training, projections
 from heads.metrics import weak_to_strong
-from heads.modules import Alignment, MemoryCell
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class EDMOptions:
 class EDM(HeadMethod):
     Options = EDMOptions
     summary = "EDM-ordered weak-to-strong alternating chain with alignment and memory"
-    # Stacked training (heads/stacked.py) runs the chain itself: one vmapped ``chain_loss`` and one
+    # Stacked training (heads/sweeps/stacked.py) runs the chain itself: one vmapped ``chain_loss`` and one
     # optimizer step per modality, runs grouped by their epoch's order; τ may differ inside a stack.
     stack_chain = True
     stack_options = ("tau", "inherit_momentum")

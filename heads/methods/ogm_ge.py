@@ -31,10 +31,9 @@ encoders' convolution weights; never the fusion head).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
-
-import math
 
 import torch
 from torch import nn

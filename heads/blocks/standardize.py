@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from heads.blocks.data import Batch, SplitTensors
+from heads.blocks.order import evaluation_order
+
 MODES = ("feature", "modality", "none")
 
 
@@ -91,9 +94,6 @@ class Standardizer(nn.Module):
         needs no per-batch map; the same arithmetic as ``forward``, chunked to bound memory."""
         if not self.active:
             return split
-        from heads.evaluation import evaluation_order
-        from heads.data import SplitTensors
-
         evaluation_order(split)  # of the raw features, as ``predict`` on raw splits uses
         split._counts(slice(0, 0), 0)
 
@@ -117,8 +117,6 @@ class Standardizer(nn.Module):
         """The standardised batch (a new ``Batch``; absent rows stay zero)."""
         if not self.active:
             return batch
-        from heads.data import Batch
-
         x, tokens = {}, {}
         for m in batch.x:
             keep = batch.present[m].to(batch.x[m].dtype)

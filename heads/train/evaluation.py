@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from heads import metrics
-from heads.data import SplitTensors
+from heads.blocks.data import Batch, SplitTensors
+from heads.blocks.device import autocast
+from heads.blocks.order import EVAL_ORDER_SEED, evaluation_order, host_order
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -55,42 +57,6 @@ class Report:
         return out
 
 
-EVAL_ORDER_SEED = 20_241_129  # one fixed seed: the same evaluation batches for every method, epoch and run
-
-
-def evaluation_order(split: SplitTensors) -> torch.Tensor:
-    """The fixed, label-blind order in which a split is cut into evaluation batches.
-
-    Methods that look across a batch (edm's alignment) give predictions that depend on which samples
-    share a batch, so the batches must be fixed — but not by sample id or row order: real ids encode
-    the class (Food-101 ``<class>_<n>``) or actor and emotion (CREMA-D ``1001_DFA_ANG_XX``), and a
-    cache's rows follow its ids. The order here sorts samples by a seeded random projection of their
-    own (pooled) features: a function of the content only, so renaming or reordering samples leaves
-    every batch — and so every v(S) — unchanged, and no label or name can leak into it. Computed once
-    per split and kept on it.
-    """
-    cached = split.__dict__.get("_eval_order")
-    if cached is not None:
-        return cached
-    gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
-    key = torch.zeros(len(split), dtype=torch.float64)
-    for m in sorted(split.x):
-        x = split.x[m].double()
-        direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
-        key += (x * direction).sum(1)  # elementwise then a row sum: the same bits whatever the row's position
-    order = torch.argsort(key, stable=True)
-    split.__dict__["_eval_order"] = order
-    return order
-
-
-def _host_order(split: SplitTensors) -> torch.Tensor:
-    """``evaluation_order`` on the host too (batches read their present counts from host masks)."""
-    cached = split.__dict__.get("_eval_order_host")
-    if cached is None:
-        cached = split.__dict__["_eval_order_host"] = evaluation_order(split).cpu()
-    return cached
-
-
 def _logits(model, batch, prepared: bool) -> torch.Tensor:
     return model.logits(batch if prepared else model.standardizer(batch))
 
@@ -105,7 +71,7 @@ def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: 
     mutation testing reaches this function.)
     """
     model.eval()
-    index, host = evaluation_order(split), _host_order(split)
+    index, host = evaluation_order(split), host_order(split)
     preds = torch.empty(len(split), dtype=torch.long, device=split.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
     with torch.inference_mode(), model_autocast(model):
@@ -127,8 +93,6 @@ STACKED_EVAL_ROWS = 16_384  # rows per forward pass when subsets are scored toge
 def _stack_subsets(batch, subsets: list[frozenset]):
     """One batch holding ``batch`` once per subset (subset k in rows k·B … (k+1)·B − 1), the modalities
     outside each subset made absent exactly as ``Batch.only`` does."""
-    from heads.data import Batch
-
     k, n = len(subsets), len(batch)
     x, tokens, present, counts = {}, {}, {}, {}
     for m in batch.x:
@@ -160,7 +124,7 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
                 preds[s] = predict(model, split, s, batch_size, prepared=prepared)
         return preds, loss
     model.eval()
-    index, host = evaluation_order(split), _host_order(split)
+    index, host = evaluation_order(split), host_order(split)
     chunk = max(batch_size, STACKED_EVAL_ROWS // len(subsets))
     preds = {s: torch.empty(len(split), dtype=torch.long, device=split.device) for s in subsets}
     at = subsets.index(full) if full in subsets else None
@@ -180,8 +144,6 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
 
 def model_autocast(model):
     """The autocast context of the model's resolved precision (set by the trainer; fp32 otherwise)."""
-    from heads.device import autocast
-
     device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
     return autocast(device, getattr(model, "precision", "fp32"))
 

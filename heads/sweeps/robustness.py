@@ -19,11 +19,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from heads.core import OptionError, TrainConfig
-from heads.data import HeadData
-from heads.grid import write_table
-from heads.sweep import RunSpec, run_sweep
-from heads.runner import parse_method_spec
+from heads.blocks.data import HeadData
+from heads.errors import OptionError
+from heads.reports import figures
+from heads.reports.tables import robustness_markdown
+from heads.sweeps.grid import write_table
+from heads.sweeps.jobs import RunSpec
+from heads.sweeps.specs import parse_method_spec
+from heads.sweeps.sweep import run_sweep
+from heads.train.config import TrainConfig
 
 PROTOCOLS = ("mla", "test-only")
 
@@ -114,14 +118,11 @@ def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds:
     records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness")
     rows = robustness_rows(records, rates, protocols, data.spec.modalities)
     summary = robustness_summary(rows)
-    from heads import plots
-    from heads.report import robustness_markdown
-
     write_table(rows, folder / "robustness")
     info = {"methods": labels, "rates": rates, "seeds": seeds, "protocols": protocols, "epochs": base.epochs,
             "dataset": data.meta.get("dataset"), "runs": [r["run"] for r in records], "summary": summary,
             "wall_seconds": time.perf_counter() - start}
     (folder / "robustness.json").write_text(json.dumps(info, indent=2))
     (folder / "robustness.md").write_text(robustness_markdown(summary))
-    plots.robustness_curves(summary, folder / "robustness.png")
+    figures.robustness_curves(summary, folder / "robustness.png")
     return summary

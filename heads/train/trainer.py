@@ -1,137 +1,23 @@
-"""The one training core: seeding, the epoch loop, evaluation of every modality subset, selection on
-validation, per-epoch logging, checkpoints and run folders. Methods only say how a batch updates
-them and how they predict (``heads/methods``).
+"""The one training core: seeding, the epoch loop, selection on validation, checkpoints of a run in
+progress. Methods only say how a batch updates them and how they predict (``heads/methods``);
+evaluation is ``heads/train/evaluation.py`` and the run folder ``heads/train/rundir.py``.
 """
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
-import json
 import random
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from heads.data import HeadData
-from heads.evaluation import Report, evaluate
-from heads.methods import METHODS
-from heads.training import scheduled_lr, set_lr
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; written to ``config.json`` of every run, resolved."""
-
-    method: str = "concat"
-    epochs: int = 100
-    # None = the method's paper setting (``heads.training``; ``resolve_training`` fills them in).
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    optimizer: str | None = None
-    schedule: str | None = None
-    hidden: int = 256
-    seed: int = 0
-    eval_batch_size: int = 0  # 0 = same as batch_size (methods that look across a batch need a fixed rule)
-    missing_train: float = 0.0  # per-modality masking rate for train and val (MLA protocol)
-    missing_test: float = 0.0  # per-modality masking rate for test only (EDM paper's Table VI)
-    standardize: str = "feature"  # per-feature z-scoring with training statistics (heads/standardize.py)
-    threads: int = 0  # 0 = torch's default
-    device: str = "auto"  # auto | cpu | cuda[:N] (heads/device.py): where the run trains and evaluates
-    precision: str = "fp32"  # fp32 | bf16 autocast | auto (bf16 only on a CPU with native bf16 where a probe finds it faster)
-    epoch_subsets: bool = False  # score every modality subset on validation after each epoch (methods reading φ always do)
-    shapley_permutations: int = 128  # with more than 8 modalities φ is estimated from this many sampled permutations
-    options: dict = field(default_factory=dict)  # the method's own options, resolved
-    training_source: str = ""  # where the resolved optimizer settings came from (filled by resolve_training)
-
-
-class OptionError(ValueError):
-    """A method option that does not exist or does not parse; the message lists what is valid."""
-
-
-def method_class(name: str):
-    if name not in METHODS:
-        raise OptionError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def option_fields(method: str) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(method_class(method).Options))
-
-
-def _field_type(method: str, name: str):
-    """The declared type of an option (annotations may be strings under ``from __future__``)."""
-    return typing.get_type_hints(method_class(method).Options)[name]
-
-
-def _convert(f: dataclasses.Field, raw, method: str):
-    """Parse one option value by the field's declared type (bool, int, float, str or a Literal)."""
-    kind = _field_type(method, f.name)
-    flag = f"--{f.name.replace('_', '-')}"
-    if typing.get_origin(kind) is typing.Literal:
-        choices = typing.get_args(kind)
-        if raw not in choices:
-            raise OptionError(f"{flag} must be one of {', '.join(map(str, choices))}, got {raw!r}")
-        return raw
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        word = str(raw).lower()
-        if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise OptionError(f"{flag} expects true or false, got {raw!r}")
-        return word in ("1", "true", "yes", "on")
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise OptionError(f"{flag} expects {kind.__name__}, got {raw!r}") from None
-
-
-def resolve_options(method: str, given: dict) -> dict:
-    """Defaults of the method's Options, overridden by ``given`` (names with '_' or '-')."""
-    fields = {f.name: f for f in option_fields(method)}
-    out = {name: f.default for name, f in fields.items()}
-    for key, raw in given.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            valid = ", ".join("--" + n.replace("_", "-") for n in fields) or "none"
-            raise OptionError(f"method {method!r} has no option --{key.replace('_', '-')}; its options: {valid}")
-        out[name] = _convert(fields[name], raw, method)
-    return out
-
-
-def parse_option_args(method: str, args: list[str]) -> dict:
-    """Turn ``--tau 0.3 --no-align --order=fixed`` (extra CLI words) into a method options dict."""
-    names = {f.name for f in option_fields(method)}
-
-    def is_flag(name: str) -> bool:
-        return name in names and _field_type(method, name) is bool
-
-    given, i = {}, 0
-    while i < len(args):
-        word = args[i]
-        if not word.startswith("--"):
-            raise OptionError(f"unexpected argument {word!r}")
-        name = word[2:]
-        key = name.replace("-", "_")
-        if "=" in name:
-            name, value = name.split("=", 1)
-            given[name] = value
-        elif key.startswith("no_") and is_flag(key[3:]):
-            given[key[3:]] = False
-        elif is_flag(key):
-            given[key] = True
-        else:
-            if i + 1 >= len(args):
-                raise OptionError(f"option {word} needs a value")
-            given[name] = args[i + 1]
-            i += 1
-        i += 1
-    return resolve_options(method, given)
+from heads.blocks.data import HeadData
+from heads.blocks.device import autocast, resolve_device, resolve_precision
+from heads.blocks.optim import scheduled_lr, set_lr
+from heads.train.config import TrainConfig, build_model, resolve_training
+from heads.train.evaluation import Report, evaluate
+from heads.train.rundir import FitResult, write_run
 
 
 def seed_everything(seed: int) -> None:
@@ -140,47 +26,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_training(cfg: TrainConfig) -> TrainConfig:
-    """Fill the settings left ``None`` from the method's declared paper setting; record the source.
-
-    Idempotent. A setting the user gave is kept; ``training_source`` then says which were given.
-    """
-    from heads.training import FIELDS, parse_schedule
-
-    defaults = method_class(cfg.method).training
-    given = [name for name in FIELDS if getattr(cfg, name) is not None]
-    if not cfg.training_source:
-        source = f"{cfg.method}: {defaults.source}"
-        if given:
-            source += "; given: " + ", ".join(f"{n.replace('_', '-')} {getattr(cfg, n)}" for n in given)
-        cfg = dataclasses.replace(cfg, training_source=source)
-    cfg = dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in FIELDS if getattr(cfg, n) is None})
-    parse_schedule(cfg.schedule)
-    return cfg
-
-
-def build_model(cfg: TrainConfig, spec):
-    cfg = resolve_training(cfg)
-    cls = method_class(cfg.method)
-    opts = cls.Options(**resolve_options(cfg.method, cfg.options))
-    return cls(spec, cfg, opts)
-
-
 # --- training ----------------------------------------------------------------------------------
-@dataclass
-class FitResult:
-    model: torch.nn.Module
-    config: TrainConfig
-    epochs: list[dict]
-    best_epoch: int
-    val: Report
-    test: Report
-    seconds: float
-    epochs_run: int  # fewer than config.epochs when a grid pruned the run
-    device: str = "cpu"  # where it trained (the config keeps what was asked, e.g. auto)
-    precision: str = "fp32"  # the precision it trained in
-
-
 def prepared(split, standardizer, device: torch.device):
     """``split`` standardised and on ``device``, made once per process for each (device, statistics):
     the runs of a sweep that read the same split with the same statistics (every seed without
@@ -218,8 +64,6 @@ class Trainer:
     """
 
     def __init__(self, data: HeadData, cfg: TrainConfig, model=None):
-        from heads.device import resolve_device, resolve_precision
-
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         cfg = resolve_training(cfg)
@@ -284,8 +128,6 @@ class Trainer:
 
     def run(self, until: int, on_epoch=None) -> None:
         """Train epochs ``self.epoch + 1 … until`` (capped at ``cfg.epochs``)."""
-        from heads.device import autocast
-
         start = time.perf_counter()
         torch.set_rng_state(self.rng_state)
         if self.cuda_rng_state is not None:
@@ -318,7 +160,7 @@ class Trainer:
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
         self.seconds += time.perf_counter() - start
 
-    def finish(self, run_dir: str | Path | None = None) -> "FitResult":
+    def finish(self, run_dir: str | Path | None = None) -> FitResult:
         """Restore the best-on-validation state, evaluate validation and test once, write the run."""
         start = time.perf_counter()
         self.model.load_state_dict(self.best_state)
@@ -356,47 +198,3 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=True)
 
 
-# --- run folders -------------------------------------------------------------------------------
-def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
-    """``config.json`` (resolved), ``epochs.csv``, ``results.json``, ``table.md``, ``model.pt``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.asdict(result.config)
-    cfg["options"] = resolve_options(result.config.method, result.config.options)
-    from cache.store import _code_version
-
-    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": _code_version(),
-              "used": {"device": result.device, "precision": result.precision}}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    with open(run_dir / "epochs.csv", "w", newline="") as f:
-        keys = list(dict.fromkeys(k for r in result.epochs for k in r))
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(result.epochs)
-    c = result.config
-    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size}"
-                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}")
-    results = {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
-               "precision": result.precision, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    from heads.report import results_table
-
-    (run_dir / "table.md").write_text(results_table([results], data.spec.modalities))
-    torch.save({"config": config, "state": result.model.state_dict()}, run_dir / "model.pt")
-
-
-def load_run(run_dir: str | Path, device: str = "cpu"):
-    """Rebuild a trained model from a run folder (its config + selected state), on ``device`` (any
-    device, whichever the run trained on: the state is saved from the host's view)."""
-    from heads.data import DataSpec
-    from heads.device import resolve_device
-
-    saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved["config"]["train"].items() if k in fields})
-    model = build_model(cfg, DataSpec(**saved["config"]["spec"]))
-    model.load_state_dict(saved["state"])
-    model.precision = saved["config"].get("used", {}).get("precision", "fp32")  # as it was trained and selected
-    model.to(resolve_device(device))
-    model.eval()
-    return model, cfg

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
-from heads.papers import cell, column_title, notes
+from heads.reports.papers import cell, column_title, notes
 
 
 def _fmt(values: list[float]) -> str:
@@ -62,7 +61,7 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
                         split: str = "test") -> str:
     """Our table in the order of a paper's table, with the paper's reported numbers beside ours.
 
-    ``rows`` are ``heads.papers.PaperRow`` (a row that did not run shows why in its seeds cell);
+    ``rows`` are ``heads.reports.papers.PaperRow`` (a row that did not run shows why in its seeds cell);
     ``columns`` the paper's columns of the cache's dataset: for each, a "paper acc" column after our
     multimodal accuracy (and "paper EDM" after our EDM where the table reports EDM).
     """
@@ -93,7 +92,7 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
 def paper_reference_table(table: dict, rows: list) -> str:
     """A paper's multimodal accuracy on each of its datasets, as printed, for a cache that is none of them.
 
-    ``rows`` are ``heads.papers.PaperRow``: the "ours" column names the spec that ran, or why none did.
+    ``rows`` are ``heads.reports.papers.PaperRow``: the "ours" column names the spec that ran, or why none did.
     """
     head = ["paper row", "ours"] + [f"paper acc · {column_title(c)}" for c in table["columns"]]
     lines = [[prow.row["row"], prow.spec or f"{prow.row['ours'] or '-'} ({prow.status})"]
@@ -131,7 +130,7 @@ def _pm(mean: float, std: float, seeds: int) -> str:
 def grid_markdown(info: dict, summary: list[dict]) -> str:
     """The grid as the papers report a hyper-parameter study: one row per config, selection on validation.
 
-    ``info`` is ``grid.json``; ``summary`` the per-config rows of ``heads.grid.summarize``.
+    ``info`` is ``grid.json``; ``summary`` the per-config rows of ``heads.sweeps.grid.summarize``.
     """
     sel = info["selected"]
     lines = [f"Grid of `{info['method']}` · protocol {info['protocol']} · seeds {', '.join(map(str, info['seeds']))}"
@@ -139,9 +138,8 @@ def grid_markdown(info: dict, summary: list[dict]) -> str:
              f"**Selected on validation: `{sel['config']}`** · validation {_pm(sel['val_mean'], sel['val_std'], sel['seeds'])}"
              f" · test {_pm(sel['test_mean'], sel['test_std'], sel['seeds'])} ({sel['seeds']} seed(s))", ""]
     if sel.get("tied"):
-        from heads.grid import TIE_RULE
-
-        lines += [f"Tied on validation accuracy: {', '.join(f'`{c}`' for c in sel['tied'])}; broken by the rule: {TIE_RULE}.", ""]
+        rule = info.get("tie_rule", "the grid's tie rule (grid.json written before the rule was recorded)")
+        lines += [f"Tied on validation accuracy: {', '.join(f'`{c}`' for c in sel['tied'])}; broken by the rule: {rule}.", ""]
     for stage in sorted({r.get("stage") or 0 for r in summary}):
         rows = [r for r in summary if (r.get("stage") or 0) == stage]
         axes = list(rows[0]["values"])
@@ -180,108 +178,3 @@ def robustness_markdown(summary: list[dict]) -> str:
                 realised[rate] if rate in realised else "-" for rate in rates) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def folder_kind(path: Path) -> str:
-    """``grid``, ``robustness``, ``compare`` or ``run``, from the files the commands write."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"no folder {path}")
-    if (path / "grid.json").exists():
-        return "grid"
-    if (path / "robustness.json").exists():
-        return "robustness"
-    if (path / "results.json").exists() and (path / "epochs.csv").exists():
-        return "run"
-    if any((p / "results.json").exists() for p in path.iterdir() if p.is_dir()):
-        return "compare"
-    raise FileNotFoundError(f"{path} is not a run, compare, grid or robustness folder (no results.json, grid.json or robustness.json)")
-
-
-def _epochs(run: Path) -> list[dict]:
-    import csv
-
-    with open(run / "epochs.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _modalities(run: Path) -> list[str]:
-    import json
-
-    return json.loads((run / "config.json").read_text())["spec"]["modalities"]
-
-
-def _by_label(runs: list[Path]) -> dict[str, list[Path]]:
-    import json
-
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for run in runs:
-        record = json.loads((run / "results.json").read_text())
-        groups[record.get("label", record["method"])].append(run)
-    return groups
-
-
-def folder_report(path: Path, out: Path, prefix: str) -> str:
-    """One folder's Markdown section; its figures are written into ``out`` as ``<prefix>-*.png``."""
-    import json
-
-    from heads import plots
-
-    kind = folder_kind(path)
-    section = [f"## {path.name} ({kind})", ""]
-    if kind == "grid":
-        info = json.loads((path / "grid.json").read_text())
-        section.append(grid_markdown(info, info["summary"]))
-        curve = plots.grid_curves(info["summary"], info["selected"]["config"], out / f"{prefix}-grid.png",
-                                  f"{info['method']} grid")
-        section += [f"![grid curve]({curve.name})", ""]
-        runs = [path / name for name in dict.fromkeys(info["runs"]) if name.startswith(info["selected"]["config"] + "-seed")]
-        title = f"selected {info['selected']['config']}"
-    elif kind == "robustness":
-        info = json.loads((path / "robustness.json").read_text())
-        section.append(robustness_markdown(info["summary"]))
-        curve = plots.robustness_curves(info["summary"], out / f"{prefix}-robustness.png", info.get("dataset") or "")
-        section += [f"![robustness]({curve.name})", ""]
-        return "\n".join(section)
-    elif kind == "compare":
-        runs = sorted(p for p in path.iterdir() if (p / "results.json").exists() and (p / "epochs.csv").exists())
-        title = path.name
-    else:
-        runs, title = [path], path.name
-    modalities = _modalities(runs[0])
-    records = [json.loads((run / "results.json").read_text()) for run in runs]
-    if kind != "grid":
-        section += ["Test split (mean ± std over seeds), selection on validation:", "", results_table(records, modalities)]
-    groups = {label: [_epochs(run) for run in members] for label, members in _by_label(runs).items()}
-    figure = plots.epoch_curves(groups, modalities, out / f"{prefix}-epochs.png", title)
-    section += [f"![per-epoch validation accuracy, EDM, φ and order]({figure.name})", ""]
-    return "\n".join(section)
-
-
-def write_report(paths: list[Path], out: Path | None = None, overwrite: bool = False) -> list[Path]:
-    """``report.md`` with the paper-style tables and PNG figures: one per folder, or one for all in ``out``.
-
-    Every folder is checked before anything is written. ``out`` is a folder: an existing file there,
-    or a ``report.md`` already in it, is replaced only with ``overwrite`` (a report written into a
-    sweep's own folder, without ``out``, is derived from it and simply regenerated).
-    """
-    from heads.core import OptionError
-
-    for path in paths:
-        folder_kind(path)
-    written = []
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            if not overwrite:
-                raise OptionError(f"--out {out} is an existing file; add --overwrite to replace it with the report folder")
-            out.unlink()
-        elif (out / "report.md").exists() and not overwrite:
-            raise OptionError(f"{out / 'report.md'} exists; add --overwrite to replace it, or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        sections = [folder_report(p, out, p.name) for p in paths]
-        (out / "report.md").write_text("# Report\n\n" + "\n".join(sections))
-        written.append(out / "report.md")
-    else:
-        for p in paths:
-            (p / "report.md").write_text(f"# Report: {p.name}\n\n" + folder_report(p, p, "report"))
-            written.append(p / "report.md")
-    return written

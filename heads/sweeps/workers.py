@@ -1,5 +1,5 @@
 """Worker processes for sweeps on the CPU: spawned once, given the data once, one thread each, and
-never outliving the sweep that started them. ``heads/sweep.py`` decides what they run.
+never outliving the sweep that started them. ``heads/sweeps/sweep.py`` decides what they run.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from concurrent import futures
 
 import torch
 
-from heads.data import HeadData
+from heads.blocks.data import HeadData
 
 
 def default_workers() -> int:

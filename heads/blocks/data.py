@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cache import CacheError, FeatureSplit, load_meta, load_split
+from heads.blocks.order import evaluation_order
 
 
 @dataclass
@@ -121,8 +122,6 @@ class SplitTensors:
         device = torch.device(device)
         if device == self.device:
             return self
-        from heads.evaluation import evaluation_order
-
         order = evaluation_order(self)
         self._counts(slice(0, 0), 0)  # builds the host masks
         moved = SplitTensors(self.ids, {m: t.to(device) for m, t in self.x.items()},

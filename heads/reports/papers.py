@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from heads.errors import OptionError
+
 TABLES_FILE = Path(__file__).with_name("paper_tables.json")
 NOT_IMPLEMENTED = "not implemented"
 NOT_REGISTERED = "not registered yet"
@@ -25,8 +27,6 @@ def load_tables() -> dict[str, dict]:
 
 
 def paper_table(name: str) -> dict:
-    from heads.core import OptionError
-
     tables = load_tables()
     if name not in tables:
         raise OptionError(f"unknown paper {name!r} for --paper; known: {', '.join(tables)}")

@@ -5,7 +5,7 @@ the same wall time whether the device does 1 or 30 of them at once. ``StackedTra
 that share every shape in one process: their parameters are stacked along a new leading dimension
 (``torch.func.stack_module_state``), a batch of each run goes through ``vmap(grad(loss))`` of the
 method's own loss, and one optimizer step updates all K runs, each with its own learning rate and
-weight decay. It has the staged shape of ``heads.core.Trainer`` (``run(until)``, then ``finish``), and
+weight decay. It has the staged shape of ``heads.train.trainer.Trainer`` (``run(until)``, then ``finish``), and
 it is built from K ordinary trainers, so each run is set up exactly as it would be alone: its seed's
 initialisation, masks, standardisation statistics, shuffling generator and RNG stream (the method's
 per-epoch hooks run with it). At the end the trained state goes back into each trainer, which
@@ -37,12 +37,21 @@ import time
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from heads import metrics
-from heads.core import Trainer, TrainConfig
-from heads.data import Batch, HeadData
-from heads.evaluation import Report, evaluation_order, model_autocast
-from heads.training import SGD_MOMENTUM, scheduled_lr
+from heads.blocks.data import Batch, HeadData
+from heads.blocks.device import autocast
+from heads.blocks.optim import scheduled_lr
+from heads.blocks.order import evaluation_order
+from heads.methods import method_class
+from heads.methods.base import HeadMethod
+from heads.methods.edm import Started
+from heads.sweeps.jobs import close_run, open_run
+from heads.sweeps.stacked_optim import load_optimizer_state, stacked_step
+from heads.train.config import TrainConfig
+from heads.train.evaluation import Report, model_autocast
+from heads.train.trainer import Trainer
 
 # Settings stacked runs may differ in; the rest (and options outside ``stack_options``) must be equal.
 VARYING = ("seed", "lr", "weight_decay", "threads", "device", "training_source")
@@ -51,8 +60,6 @@ EVAL_ROWS = 8192  # validation rows per stacked forward pass (bounds the [K, row
 
 def stack_key(cfg: TrainConfig) -> str:
     """Runs with the same key can train stacked."""
-    from heads.core import method_class
-
     free = getattr(method_class(cfg.method), "stack_options", ())
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in VARYING}
     values["options"] = {k: v for k, v in cfg.options.items() if k not in free}
@@ -61,9 +68,6 @@ def stack_key(cfg: TrainConfig) -> str:
 
 def can_stack(cfg: TrainConfig) -> bool:
     """The method is stackable with the inherited one-loss-one-step update, or a chain (edm) on complete data."""
-    from heads.core import method_class
-    from heads.methods.base import HeadMethod
-
     cls = method_class(cfg.method)
     if getattr(cls, "stack_chain", False):
         return cfg.missing_train == 0
@@ -86,14 +90,12 @@ class StackedTrainer:
     """K trainers of one method, trained together; ``run(until)`` and ``finish()`` as ``Trainer``."""
 
     def __init__(self, trainers: list[Trainer]):
-        from torch.func import stack_module_state
-
         if not trainers:
             raise ValueError("nothing to stack")
         if len({stack_key(t.cfg) for t in trainers}) != 1 or len({t.epoch for t in trainers}) != 1:
             raise ValueError("stacked runs must share every setting but seed, lr and weight decay, and their epoch")
         if not all(can_stack(t.cfg) for t in trainers):
-            raise ValueError(f"method {trainers[0].cfg.method!r} cannot be stacked (see heads/stacked.py)")
+            raise ValueError(f"method {trainers[0].cfg.method!r} cannot be stacked (see heads/sweeps/stacked.py)")
         self.trainers, self.k = trainers, len(trainers)
         first = trainers[0]
         self.cfg, self.device, self.spec = first.cfg, first.device, first.data.spec
@@ -122,44 +124,11 @@ class StackedTrainer:
 
     def _load_optimizer_state(self) -> None:
         """Continue the trainers' own optimizers (a run resumed from a checkpoint has moments)."""
-        names = [n for n, _ in self.trainers[0].model.named_parameters()]
-        slots = [[t.model.optimizer.state.get(p, {}) for p in t.model.parameters()] for t in self.trainers]
-        for i, name in enumerate(names):
-            per_run = [s[i] for s in slots]
-            if all(per_run):
-                own = self.state[f"method.{name}"]
-                for key in per_run[0]:
-                    if key != "step":
-                        own[key] = torch.stack([r[key].to(self.device) for r in per_run])
-                own["step"] = int(per_run[0].get("step", 0))
+        load_optimizer_state(self.trainers, self.state, self.device)
 
     def _step(self, params: dict, state: dict, grads: dict, lr: torch.Tensor, wd: torch.Tensor, prefixes=None) -> None:
         """One optimizer step of every stacked run, on the parameters named by ``prefixes`` (all if None)."""
-        kind = self.cfg.optimizer
-        for name, p in params.items():
-            if prefixes is not None and not name.removeprefix("method.").startswith(prefixes):
-                continue
-            g, slot = grads[name], state[name]
-            slot["step"] += 1
-            shape = (p.shape[0],) + (1,) * (p.dim() - 1)
-            rate, decay = lr.view(shape), wd.view(shape)
-            if kind == "sgd":
-                d = g + decay * p
-                buf = slot.get("momentum_buffer")
-                slot["momentum_buffer"] = d.clone() if buf is None else buf.mul_(SGD_MOMENTUM).add_(d)
-                p.sub_(rate * slot["momentum_buffer"])
-                continue
-            if kind == "adamw":
-                p.mul_(1 - rate * decay)
-                d = g
-            else:  # adam: L2 added to the gradient
-                d = g + decay * p
-            beta1, beta2, eps, t = 0.9, 0.999, 1e-8, slot["step"]
-            m = slot.setdefault("exp_avg", torch.zeros_like(p))
-            v = slot.setdefault("exp_avg_sq", torch.zeros_like(p))
-            m.lerp_(d, 1 - beta1)
-            v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
-            p.sub_(rate / (1 - beta1 ** t) * m / (v.sqrt() / (1 - beta2 ** t) ** 0.5 + eps))
+        stacked_step(self.cfg.optimizer, params, state, grads, lr, wd, prefixes)
 
     # --- batches of every run ----------------------------------------------------------------------
     def _gather(self, splits, index: torch.Tensor, runs: list[int]) -> dict:
@@ -247,10 +216,6 @@ class StackedTrainer:
             yield self._gather(self.train, rows, runs), counts, rows.shape[1]
 
     def _plain_epoch(self, index, host, lr, wd, total) -> None:
-        from torch.func import functional_call, grad_and_value, vmap
-
-        from heads.device import autocast
-
         def loss_of(params, buffers, x, tokens, present, y, counts):
             return functional_call(self.call, (params, buffers), ("loss", Batch(x, tokens, present, y, counts)))
 
@@ -266,11 +231,6 @@ class StackedTrainer:
 
     def _chain_epoch(self, runs: list[int], index, host, lr, wd, total, steps: dict[str, int]) -> None:
         """One epoch of a chain method (edm) for the runs ``runs``, which share this epoch's order."""
-        from torch.func import functional_call, grad_and_value, vmap
-
-        from heads.device import autocast
-        from heads.methods.edm import Started
-
         every = len(runs) == self.k
         pick = torch.tensor(runs, device=self.device)
         params = self.params if every else {n: p[pick] for n, p in self.params.items()}
@@ -337,8 +297,6 @@ class StackedTrainer:
     def _validate(self) -> list[Report]:
         """Each run's validation report, from vmapped passes over the stacked parameters: the full set
         only, or every subset when the method reads φ (edm's order) or ``epoch_subsets`` asks."""
-        from torch.func import functional_call, vmap
-
         subsets = bool(getattr(self.template, "reads_phi", False)) or self.cfg.epoch_subsets
         mods = list(self.spec.modalities)
         full = frozenset(mods)
@@ -433,8 +391,6 @@ class StackedTrainer:
 def advance_stacked(data: HeadData, jobs: list) -> list[dict]:
     """The sweep's ``advance`` for a group of stackable jobs with the same span: open each run, train
     them stacked to ``until``, then checkpoint or finish each exactly as alone."""
-    from heads.sweep import close_run, open_run
-
     trainers = [open_run(data, job) for job in jobs]
     StackedTrainer(trainers).run(jobs[0].until)
     return [close_run(data, job, t) for job, t in zip(jobs, trainers)]

@@ -1,6 +1,7 @@
 """The sweep runner: many runs of a ``TrainConfig`` each, trained, resumed and pruned as cheaply as their
-arithmetic allows. ``heads/grid.py`` builds the runs of a grid and selects among them; ``compare`` and
-``robustness`` use the same runner; ``heads/stacked.py`` trains stackable runs together on a GPU.
+arithmetic allows. ``heads/sweeps/grid.py`` builds the runs of a grid (``axes.py``) and selects among
+them; ``compare`` and ``robustness`` use the same runner; a run is a chain of jobs
+(``heads/sweeps/jobs.py``); ``heads/sweeps/stacked.py`` trains stackable runs together on a GPU.
 
 Three things keep a sweep cheap:
 
@@ -25,33 +26,25 @@ the same resolved config (and continues unfinished ones from their checkpoints).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from heads.core import OptionError, Trainer, TrainConfig, build_model, load_run, resolve_options, resolve_training
-from heads.evaluation import evaluate
-from heads.workers import Workers, default_workers
-from heads.data import HeadData
-
-
-# --- runs --------------------------------------------------------------------------------------
-@dataclass
-class RunSpec:
-    """One run of a sweep: its folder name, the runs it is ranked with (its seeds), the full config."""
-
-    name: str
-    group: str
-    cfg: TrainConfig
-    record: dict = field(default_factory=dict)  # merged into results.json (label, axis values, …)
-    test_rates: tuple[float, ...] = ()  # also evaluate the selected model on test masked at these rates
+from heads.blocks.data import HeadData
+from heads.blocks.device import resolve_device
+from heads.errors import OptionError
+from heads.sweeps.jobs import Job, RunSpec, advance, atomic_write, checkpoint_paths, identity, masked_test, work
+from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
+from heads.sweeps.workers import Workers, default_workers
+from heads.train.config import build_model
+from heads.train.rundir import load_run
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
@@ -77,122 +70,6 @@ def halving_milestones(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs / d)) for d in (8, 4, 2)} | {epochs})
 
 
-# --- what a worker does --------------------------------------------------------------------------
-@dataclass
-class _Job:
-    spec: RunSpec
-    folder: str
-    start: int  # the epoch its checkpoint holds (0: a fresh trainer)
-    until: int
-    finish: bool
-    milestones: list[int] | None  # the pruning plan the run belongs to, recorded for resume
-
-
-def _work(job: _Job) -> dict:
-    """What a worker process runs: one job, on the data it received once (``heads/workers.py``)."""
-    from heads import workers
-
-    return advance(workers.DATA, job)
-
-
-def _checkpoint(folder: Path, name: str) -> tuple[Path, Path]:
-    return folder / ".checkpoints" / f"{name}.pt", folder / ".checkpoints" / f"{name}.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def identity(cfg: TrainConfig, data: HeadData) -> dict:
-    """What a run's results depend on; a stored run is reused only when this matches (threads aside)."""
-    train = dataclasses.asdict(resolve_training(cfg))
-    for where in ("threads", "device"):  # how fast, not what: a grid may resume on another device
-        train.pop(where, None)
-    train["options"] = resolve_options(cfg.method, cfg.options)
-    return {"train": json.loads(json.dumps(train)), "caches": list(data.meta["caches"])}
-
-
-def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:
-    """The selected model on test with each modality masked at ``rate``, and the realised mask.
-
-    The split is the one ``--missing-test`` draws (the core builds it, so the masks are identical to
-    those of a run trained with that option).
-    """
-    from heads.core import masked_splits
-
-    cfg = resolve_training(cfg)
-    masked = masked_splits(data, replace(cfg, missing_test=rate))[2]
-    device = next(model.parameters()).device  # wherever the model is (the trainer's device, or the host)
-    report = evaluate(model, masked.to(device), data.spec, cfg.eval_batch_size or cfg.batch_size)
-    return {**report.to_json(), **_realised(data.test, masked)}
-
-
-def _realised(original, masked) -> dict:
-    """Fraction of the present (sample, modality) entries that masking removed, overall and per modality
-    (``missing_<m>``); samples left with none (always 0 by construction; recorded as a check)."""
-    from heads.data import realised_missing
-
-    orig = torch.stack(list(original.present.values()), 1)
-    now = torch.stack(list(masked.present.values()), 1)
-    per = {f"missing_{m}": rate for m, rate in realised_missing(original, masked).items()}
-    return {"missing": 1 - float(now.sum()) / max(float(orig.sum()), 1.0), **per,
-            "empty": int((~now.any(1) & orig.any(1)).sum())}
-
-
-def _mask_summary(trainer: Trainer, data: HeadData) -> dict:
-    return {split: _realised(getattr(data, split), getattr(trainer, split)) for split in ("train", "val", "test")}
-
-
-def advance(data: HeadData, job: _Job, on_epoch=None) -> dict:
-    """Train one run from its checkpoint (or from scratch) to ``job.until``; then checkpoint or finish."""
-    trainer = open_run(data, job)
-    trainer.run(job.until, on_epoch)
-    return close_run(data, job, trainer)
-
-
-def open_run(data: HeadData, job: _Job) -> Trainer:
-    """The job's trainer: fresh, or continued from its checkpoint."""
-    trainer = Trainer(data, job.spec.cfg)
-    if job.start:
-        ckpt, _ = _checkpoint(Path(job.folder), job.spec.name)
-        trainer.restore(torch.load(ckpt, map_location="cpu", weights_only=False))
-    return trainer
-
-
-def close_run(data: HeadData, job: _Job, trainer: Trainer) -> dict:
-    """After training to ``job.until``: a checkpoint (the run goes on later), or the finished run folder."""
-    spec, folder = job.spec, Path(job.folder)
-    ckpt, sidecar = _checkpoint(folder, spec.name)
-    curve = [row["val_acc"] for row in trainer.rows]
-    if not job.finish:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state = trainer.checkpoint()
-        _atomic_write(ckpt, lambda p: torch.save(state, p))
-        info = {"epoch": trainer.epoch, "val_acc": curve, "identity": identity(spec.cfg, data)}
-        _atomic_write(sidecar, lambda p: p.write_text(json.dumps(info)))
-        return {"epoch": trainer.epoch, "val_acc": curve}
-    tmp = folder / f".{spec.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.finish(tmp)
-    record = json.loads((tmp / "results.json").read_text())
-    record.update(spec.record)
-    record.update(run=spec.name, stopped_at=trainer.epoch if trainer.epoch < spec.cfg.epochs else None, milestones=job.milestones,
-                  threads=torch.get_num_threads(), masks=_mask_summary(trainer, data))
-    if getattr(trainer, "stacked_with", 0):
-        record["stacked_with"] = trainer.stacked_with  # how many runs trained together (seconds are a share)
-    if spec.test_rates:
-        record["missing_test"] = {str(r): masked_test(trainer.model, data, spec.cfg, r) for r in spec.test_rates}
-    (tmp / "results.json").write_text(json.dumps(record, indent=2))
-    final = folder / spec.name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ckpt.unlink(missing_ok=True)
-    sidecar.unlink(missing_ok=True)
-    return {"epoch": trainer.epoch, "val_acc": curve, "record": record}
-
-
 # --- where jobs run ----------------------------------------------------------------------------
 class _InProcess:
     """Jobs run here, one at a time, with torch's own thread count (and per-epoch progress)."""
@@ -200,7 +77,7 @@ class _InProcess:
     def __init__(self, data: HeadData, on_epoch):
         self.data, self.on_epoch, self.done = data, on_epoch, []
 
-    def submit(self, tag, job: _Job) -> None:
+    def submit(self, tag, job: Job) -> None:
         self.done.append((tag, advance(self.data, job, self.on_epoch)))
 
     def wait(self):
@@ -210,7 +87,7 @@ class _InProcess:
         pass
 
 
-def _run_chains(runner, chains: list[list[_Job]], slots: int, progress) -> dict[str, dict]:
+def _run_chains(runner, chains: list[list[Job]], slots: int, progress) -> dict[str, dict]:
     """Run each chain's jobs in order, up to ``slots`` jobs at a time, longest remaining chain first."""
     left = [sum(j.until - j.start for j in chain) for chain in chains]
     position, busy, results = [0] * len(chains), set(), {}
@@ -233,12 +110,12 @@ def _run_chains(runner, chains: list[list[_Job]], slots: int, progress) -> dict[
 
 
 def _chain(spec: RunSpec, folder: Path, start: int, until: int, finish: bool, pieces: int,
-           milestones: list[int] | None) -> list[_Job]:
+           milestones: list[int] | None) -> list[Job]:
     """``start → until`` cut into ``pieces`` nearly equal jobs (the last one finishes when asked)."""
     pieces = max(1, min(pieces, until - start))
     cuts = [start + round((until - start) * (k + 1) / pieces) for k in range(pieces)]
     starts = [start] + cuts[:-1]
-    return [_Job(spec, str(folder), s, u, finish and u == until, milestones) for s, u in zip(starts, cuts)]
+    return [Job(spec, str(folder), s, u, finish and u == until, milestones) for s, u in zip(starts, cuts)]
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -255,7 +132,7 @@ class _State:
             stale.unlink()
         for spec in specs:
             wanted = identity(spec.cfg, data)
-            run, (ckpt, sidecar) = folder / spec.name, _checkpoint(folder, spec.name)
+            run, (ckpt, sidecar) = folder / spec.name, checkpoint_paths(folder, spec.name)
             if (run / "results.json").exists() and (run / "config.json").exists():
                 config = json.loads((run / "config.json").read_text())
                 stored = {"train": {k: v for k, v in config["train"].items() if k not in ("threads", "device")},
@@ -297,8 +174,6 @@ class _State:
 
 
 def _csv_column(path: Path, column: str) -> list[float]:
-    import csv
-
     with open(path, newline="") as f:
         return [float(row[column]) for row in csv.DictReader(f)]
 
@@ -314,7 +189,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     ``prune``: successive halving over the specs' groups (see the module docstring).
     ``label``: what the progress bar calls the sweep (grid, compare, robustness).
     ``stack``: train runs that differ only in seed, lr, weight decay and their method's
-    ``stack_options`` together (``heads/stacked.py``, ``can_stack``): ``auto`` does on a GPU, ``on``
+    ``stack_options`` together (``heads/sweeps/stacked.py``, ``can_stack``): ``auto`` does on a GPU, ``on``
     everywhere, ``off`` never. On a GPU
     the other runs train one at a time in this process (``workers`` applies to the CPU).
 
@@ -346,9 +221,6 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
 
 def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
            label: str, stack: str = "auto") -> list[dict]:
-    from heads.device import resolve_device
-    from heads.stacked import can_stack
-
     on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
     if on_gpu:
         workers = 1  # one process owns the device; stacking is how a GPU sweep runs runs in parallel
@@ -367,7 +239,7 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     with _progress_bar(progress) as bar:
         task = bar.add_task(label, total=None)
 
-        def tick(job: _Job) -> None:
+        def tick(job: Job) -> None:
             if workers > 1:
                 bar.advance(task, job.until - job.start)
 
@@ -395,14 +267,12 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
                            description=f"{label if not prune else f'{label} rung ≤ epoch {target}'}: "
                                        f"{len(plan) + len(together)} run(s)")
                 for jobs in stacks:
-                    from heads.stacked import advance_stacked
-
                     for job, result in zip(jobs, advance_stacked(data, jobs)):
                         state.update(job.spec.name, result)
                         bar.advance(task, job.until - job.start)
                 if chains:
                     if runner is None:
-                        runner = Workers(data, workers, threads, _work)
+                        runner = Workers(data, workers, threads, work)
                     for name, result in _run_chains(runner, chains, workers, tick).items():
                         state.update(name, result)
                 if final:
@@ -427,15 +297,13 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     return records
 
 
-def _stacks(plan: list, state: _State, folder: Path, milestones) -> list[list[_Job]]:
+def _stacks(plan: list, state: _State, folder: Path, milestones) -> list[list[Job]]:
     """The stackable part of a rung as groups of jobs that train together: same settings but seed, lr
     and weight decay (``stack_key``), same span and the same end (checkpoint or finish)."""
-    from heads.stacked import stack_key
-
-    groups: dict[tuple, list[_Job]] = {}
+    groups: dict[tuple, list[Job]] = {}
     for spec, until, finish in plan:
         start = state.start(spec, until)
-        job = _Job(spec, str(folder), start, until, finish, milestones)
+        job = Job(spec, str(folder), start, until, finish, milestones)
         groups.setdefault((stack_key(spec.cfg), start, until, finish), []).append(job)
     return list(groups.values())
 
@@ -448,13 +316,11 @@ def _add_test_rates(run_dir: Path, data: HeadData, spec: RunSpec) -> dict:
     for rate in spec.test_rates:
         if str(rate) not in rows:
             rows[str(rate)] = masked_test(model, data, cfg, rate)
-    _atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(record, indent=2)))
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(record, indent=2)))
     return record
 
 
 def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                     TimeElapsedColumn(), disable=not enabled, transient=True)
 

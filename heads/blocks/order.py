@@ -1,0 +1,44 @@
+"""The fixed order in which a split is cut into evaluation batches, a function of its content only.
+
+Kept apart from the splits themselves (``heads/blocks/data.py``) because three places need the same
+order and nothing else of each other: a split moved to a device carries it over, the standardiser
+carries it onto the standardised copy, and evaluation batches by it.
+"""
+from __future__ import annotations
+
+import torch
+
+EVAL_ORDER_SEED = 20_241_129  # one fixed seed: the same evaluation batches for every method, epoch and run
+
+
+def evaluation_order(split) -> torch.Tensor:
+    """The fixed, label-blind order in which a split is cut into evaluation batches.
+
+    Methods that look across a batch (edm's alignment) give predictions that depend on which samples
+    share a batch, so the batches must be fixed — but not by sample id or row order: real ids encode
+    the class (Food-101 ``<class>_<n>``) or actor and emotion (CREMA-D ``1001_DFA_ANG_XX``), and a
+    cache's rows follow its ids. The order here sorts samples by a seeded random projection of their
+    own (pooled) features: a function of the content only, so renaming or reordering samples leaves
+    every batch — and so every v(S) — unchanged, and no label or name can leak into it. Computed once
+    per split and kept on it.
+    """
+    cached = split.__dict__.get("_eval_order")
+    if cached is not None:
+        return cached
+    gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
+    key = torch.zeros(len(split), dtype=torch.float64)
+    for m in sorted(split.x):
+        x = split.x[m].double()
+        direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        key += (x * direction).sum(1)  # elementwise then a row sum: the same bits whatever the row's position
+    order = torch.argsort(key, stable=True)
+    split.__dict__["_eval_order"] = order
+    return order
+
+
+def host_order(split) -> torch.Tensor:
+    """``evaluation_order`` on the host too (batches read their present counts from host masks)."""
+    cached = split.__dict__.get("_eval_order_host")
+    if cached is None:
+        cached = split.__dict__["_eval_order_host"] = evaluation_order(split).cpu()
+    return cached

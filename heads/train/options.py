@@ -1,0 +1,85 @@
+"""A method's own options: the ``Options`` dataclass of each method is their one declaration (type,
+default, help), and this file parses what a user types against it — ``--tau 0.3 --no-align`` on the
+command line, ``edm[tau=0.3]`` in a spec, or a saved config's dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from heads.errors import OptionError
+from heads.methods import method_class
+
+
+def option_fields(method: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(method_class(method).Options))
+
+
+def field_type(method: str, name: str):
+    """The declared type of an option (annotations may be strings under ``from __future__``)."""
+    return typing.get_type_hints(method_class(method).Options)[name]
+
+
+def _convert(f: dataclasses.Field, raw, method: str):
+    """Parse one option value by the field's declared type (bool, int, float, str or a Literal)."""
+    kind = field_type(method, f.name)
+    flag = f"--{f.name.replace('_', '-')}"
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        if raw not in choices:
+            raise OptionError(f"{flag} must be one of {', '.join(map(str, choices))}, got {raw!r}")
+        return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).lower()
+        if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise OptionError(f"{flag} expects true or false, got {raw!r}")
+        return word in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag} expects {kind.__name__}, got {raw!r}") from None
+
+
+def resolve_options(method: str, given: dict) -> dict:
+    """Defaults of the method's Options, overridden by ``given`` (names with '_' or '-')."""
+    fields = {f.name: f for f in option_fields(method)}
+    out = {name: f.default for name, f in fields.items()}
+    for key, raw in given.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            valid = ", ".join("--" + n.replace("_", "-") for n in fields) or "none"
+            raise OptionError(f"method {method!r} has no option --{key.replace('_', '-')}; its options: {valid}")
+        out[name] = _convert(fields[name], raw, method)
+    return out
+
+
+def parse_option_args(method: str, args: list[str]) -> dict:
+    """Turn ``--tau 0.3 --no-align --order=fixed`` (extra CLI words) into a method options dict."""
+    names = {f.name for f in option_fields(method)}
+
+    def is_flag(name: str) -> bool:
+        return name in names and field_type(method, name) is bool
+
+    given, i = {}, 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--"):
+            raise OptionError(f"unexpected argument {word!r}")
+        name = word[2:]
+        key = name.replace("-", "_")
+        if "=" in name:
+            name, value = name.split("=", 1)
+            given[name] = value
+        elif key.startswith("no_") and is_flag(key[3:]):
+            given[key[3:]] = False
+        elif is_flag(key):
+            given[key] = True
+        else:
+            if i + 1 >= len(args):
+                raise OptionError(f"option {word} needs a value")
+            given[name] = args[i + 1]
+            i += 1
+        i += 1
+    return resolve_options(method, given)
