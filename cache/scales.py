@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cache.reader import load_split
+
 ORDERS_WARN = 1.0  # warn when two modalities' typical magnitudes differ by 10× or more
 OUTLIER_WARN = 100.0  # warn when one feature's spread is 100× the median feature's
 
@@ -19,8 +21,6 @@ def value_scales(path: str | Path, split: str = "train") -> dict[str, dict[str, 
     """Per modality, over the present samples of ``split`` (tokens pooled): ``rms`` (root mean square of
     the values), ``std`` (spread around the mean), ``max_abs``, and ``outlier`` (the largest
     per-feature std over the median per-feature std)."""
-    from cache.store import load_split
-
     part = load_split(path, split)
     out = {}
     for m, tokens in part.features.items():

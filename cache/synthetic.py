@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from cache.replace import write_folder
-from cache.store import CacheError, write_arrays
+from cache.store import CacheError
+from cache.writer import write_arrays
 
 
 @dataclass

@@ -362,9 +362,9 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(result.config)
     cfg["options"] = resolve_options(result.config.method, result.config.options)
-    from cache.store import _code_version
+    from cache import code_version
 
-    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": _code_version(),
+    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": code_version(),
               "used": {"device": result.device, "precision": result.precision}}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     with open(run_dir / "epochs.csv", "w", newline="") as f:
