@@ -18,17 +18,13 @@ except ModuleNotFoundError:  # `python cli.py` with a Python that is not the pro
     sys.exit("error: typer is not installed for this Python; run `make env`, then `.venv/bin/python cli.py …` "
              "(or `source .venv/bin/activate`)")
 
-ROOT = Path(__file__).resolve().parent
-BUILTIN_ROOT = ROOT / "data" / "builtin"
-
 # rich_markup_mode=None: help is plain text, so option syntax in brackets (edm[order=strong-to-weak])
 # shows as written instead of being read as rich markup and dropped.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Study and fix modality imbalance: extract features once, train heads fast.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
-app.add_typer(cache_app, name="cache")
 
 from pipeline.commands import register  # noqa: E402  (stage one: extract, datasets, backbones; lazy inside)
+from cache import commands as cache_commands  # noqa: E402  (cache info/verify, import-features, make-synthetic)
 
 register(app)
 
@@ -73,25 +69,6 @@ def friendly(func):
             if main:
                 signal.signal(signal.SIGTERM, previous)
     return wrapper
-
-
-def resolve_caches(spec: str) -> list[Path]:
-    """``--cache``: a cache folder, several joined with ',' (one per backbone), or a built-in preset."""
-    from cache import CacheError
-    from cache.synthetic import PRESETS, builtin_cache
-
-    paths = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        path = Path(part)
-        if path.exists():
-            paths.append(path)
-        elif part in PRESETS:
-            paths.append(builtin_cache(part, BUILTIN_ROOT))
-        else:
-            raise CacheError(f"no cache at {part} (and it is not a built-in preset: {', '.join(PRESETS)})")
-    if not paths:
-        raise CacheError("--cache is empty")
-    return paths
 
 
 def _train_config(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
@@ -165,6 +142,7 @@ def train_head(
     Writes runs/<name>/: config.json (resolved), epochs.csv, results.json, table.md, model.pt.
     An existing run of the same --name is refused unless --overwrite; --name is a folder name inside --out.
     """
+    from cache.synthetic import resolve_caches
     from heads.core import OptionError, fit, method_class, parse_option_args
     from heads.data import load_head_data
     from heads.runner import run_folder, timestamp, write_whole
@@ -217,6 +195,7 @@ def compare(
     Table 1, CCAT Table 1) and adds the paper's number for the cache's dataset beside ours; also
     written to OUT/NAME/paper.md.
     """
+    from cache.synthetic import resolve_caches
     from heads import papers
     from heads.core import OptionError
     from heads.data import load_head_data
@@ -295,6 +274,7 @@ def grid_cmd(
     Writes OUT/NAME/: one folder per run, grid.json, grid.parquet, grid.csv, grid.md, grid.png;
     model.pt only in the selected config's runs unless --keep-models. More than 200 runs need --yes.
     """
+    from cache.synthetic import resolve_caches
     from heads.data import load_head_data
     from heads.grid import check_size, parse_axis_args, run_grid
     from heads.runner import parse_seeds, run_folder, timestamp
@@ -336,6 +316,7 @@ def robustness_cmd(
 
     Writes OUT/NAME/: one folder per run, robustness.json, .parquet, .csv, .md and .png.
     """
+    from cache.synthetic import resolve_caches
     from heads.data import load_head_data
     from heads.robustness import parse_protocols, parse_rates, run_robustness
     from heads.runner import parse_method_spec, parse_seeds, run_folder, split_specs, timestamp
@@ -387,100 +368,11 @@ def methods():
             typer.echo(f"    {flag:34s} default {f.default!r:18s} {f.metadata.get('help', '')}")
 
 
-@cache_app.command("info")
-@friendly
-def cache_info_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
-    """Summarise a cache: dataset, backbone, modalities, classes, split sizes, coverage, failures."""
-    from cache import cache_info
-
-    info = cache_info(resolve_caches(path)[0])
-    typer.echo(f"cache       {info['path']}")
-    typer.echo(f"dataset     {info['dataset']}   backbone {info['backbone']}   schema v{info['schema_version']}")
-    for m, spec in info["modalities"].items():
-        typer.echo(f"modality    {m:10s} [T={spec['tokens']}, D={spec['dim']}]  present {info['present_rate'][m]:.1%}")
-    typer.echo(f"classes     {len(info['class_names'])}: {', '.join(info['class_names'][:12])}{' …' if len(info['class_names']) > 12 else ''}")
-    typer.echo("samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
-    typer.echo(f"split rule  {info.get('split_rule') or '-'}")
-    typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
-    if info["counts"].get("train"):
-        from cache.scales import scale_warnings, value_scales
-
-        scales = value_scales(info["path"])
-        for m, s in scales.items():
-            typer.echo(f"scale       {m:10s} rms {s['rms']:.3g}  std {s['std']:.3g}  max |x| {s['max_abs']:.3g}  "
-                       f"largest feature spread {s['outlier']:.1f}× the median (train, present samples)")
-        for line in scale_warnings(scales):
-            typer.echo(f"warning: {line}", err=True)
-
-
-@cache_app.command("verify")
-@friendly
-def cache_verify_cmd(path: str = typer.Argument(..., help="Cache folder or built-in preset name.")):
-    """Check every shard against its checksums, the manifest and meta: bytes, ids, labels, splits, dims."""
-    from cache import check
-
-    target = resolve_caches(path)[0]
-    report = check(target)
-    for w in report.warnings:
-        typer.echo(f"warning: {w}", err=True)
-    if report.problems:
-        for p in report.problems:
-            typer.echo(f"problem: {p}", err=True)
-        fail(f"{len(report.problems)} problem(s) in {target}", 1)
-    typer.echo(f"ok: {target} is consistent")
-
-
-@app.command("import-features")
-@friendly
-def import_features(
-    file: Path = typer.Argument(..., help=".npz with x_<modality> [N,D] or [N,T,D], y, optional split, class_names."),
-    out: Path = typer.Option(..., "--out", help="Cache folder to create."),
-    dataset: str = typer.Option(None, help="Dataset name for meta.json (default: file stem)."),
-    seed: int = typer.Option(0, help="Seed of the stratified 80/10/10 split made when the file has none."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (atomically)."),
-):
-    """Import features made elsewhere into a cache, so every head method can use them."""
-    from heads.importer import import_npz
-
-    path, counts = import_npz(file, out, dataset or file.stem, seed, overwrite)
-    typer.echo(f"imported {sum(counts.values())} samples into {path} (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
-
-
-@app.command("make-synthetic")
-@friendly
-def make_synthetic_cmd(
-    out: Path = typer.Option(..., "--out", help="Cache folder to create."),
-    preset: str = typer.Option("av", help="av (CREMA-D-like, 2 modalities) or avt (IEMOCAP-like, 3)."),
-    seed: int = typer.Option(0, help="Generator seed."),
-    strength: str = typer.Option("", help="Per-modality signal strength, e.g. audio=2.5,visual=0.7."),
-    confusion: str = typer.Option("", help="Per-modality fraction of uninformative samples, e.g. visual=0.2."),
-    scale: float = typer.Option(1.0, help="Multiply the preset's sample counts."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (atomically)."),
-):
-    """Generate a built-in-style imbalanced cache with your own modality strengths."""
-    from cache import cache_info
-    from cache.synthetic import make_synthetic
-
-    path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale, overwrite)
-    info = cache_info(path)
-    typer.echo(f"wrote {path}: " + ", ".join(f"{s} {n}" for s, n in info["counts"].items()))
+cache_commands.register(app, friendly)
 
 
 def _split_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _key_values(text: str) -> dict[str, float]:
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"expected modality=number, got {item!r}")
-    return out
 
 
 def main():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import cli
 from heads import papers
-from heads.importer import import_npz
+from cache.importer import import_npz
 from heads.methods import METHODS
 from heads.report import paper_results_table
 from tests.conftest import ROOT
