@@ -212,7 +212,8 @@ def decode_only(backbone, data: Path, kind: str, batch_size: int, workers: int) 
     """Items/s of the product's loader (workers, collate, pinned copy, device-side image assembly), no model."""
     from pipeline.backbones.base import device_pixels
     from pipeline.datasets import get_dataset
-    from pipeline.extract import Collate, SampleSet, to_device
+    from pipeline.encoding import to_device
+    from pipeline.loader import Collate, SampleSet
 
     refs = get_dataset("folder", data).listing().samples
     modalities = {kind: kind}  # the folder dataset names its modality after the column: image, audio
@@ -262,7 +263,7 @@ def distance(fast: torch.Tensor, plain: torch.Tensor) -> str:
 
 
 def encode_items(backbone, kind: str, decoded: list) -> torch.Tensor:
-    from pipeline.extract import to_device
+    from pipeline.encoding import to_device
 
     pre = backbone.preprocessor()
     batch = to_device(pre.collate(kind, [pre.prepare(kind, d) for d in decoded]), backbone.device)
@@ -377,8 +378,9 @@ def bench_whisper(tmp: Path, sz: dict, device, dtype: str, workers: int, tiny: b
 
 def bench_llava(tmp: Path, sz: dict, device, dtype: str, workers: int, tiny: bool, plain: bool):
     from pipeline.decode import load_image
-    from pipeline.extract import run_extraction, to_device
     from pipeline.datasets import get_dataset
+    from pipeline.encoding import to_device
+    from pipeline.extract import run_extraction
 
     data = tmp / "images"  # the CLIP images, as image prompts
     if not data.exists():
