@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.backbones import build_backbone, prepare_torchvision  # noqa: E402
 from pipeline.datasets import get_dataset  # noqa: E402
-from pipeline.extract import Collate, SampleSet, run_extraction  # noqa: E402
+from pipeline.extract import run_extraction  # noqa: E402
+from pipeline.loader import Collate, SampleSet  # noqa: E402
 
 # A ViT with CLIP-L/14's input pipeline (224 px, bicubic resize, centre crop) and a tiny trunk.
 TINY_CLIP = {"embed_dim": 64,

@@ -2,20 +2,13 @@
 
 A cache is a folder ``<root>/<dataset>/<backbone>/`` holding ``meta.json``, ``manifest.parquet`` and
 float16 HDF5 shards with content checksums. Both stages import only from here; see ``store.py`` for
-the layout, ``checksum.py`` and ``verify.py`` for what ``cache verify`` checks.
+the layout, ``writer.py`` and ``reader.py`` for writing and reading it, ``checksum.py`` and
+``verify.py`` for what ``cache verify`` checks.
 """
-from cache.store import (
-    SCHEMA_VERSION,
-    CacheError,
-    CacheWriter,
-    FeatureSplit,
-    build_manifest,
-    cache_info,
-    load_meta,
-    load_split,
-    write_arrays,
-)
+from cache.reader import FeatureSplit, cache_info, load_split
+from cache.store import SCHEMA_VERSION, CacheError, build_manifest, code_version, load_meta
 from cache.verify import Report, check, verify
+from cache.writer import CacheWriter, write_arrays
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -24,6 +17,7 @@ __all__ = [
     "FeatureSplit",
     "build_manifest",
     "cache_info",
+    "code_version",
     "load_meta",
     "load_split",
     "check",

@@ -3,13 +3,15 @@
 Real features are not on one scale. Modalities can differ by orders of magnitude (a public 6-view set
 spans ±0.8 to 17,600), and MLLM ``[CLASS]`` vectors carry a few outlier dimensions in the hundreds
 beside ordinary ones near 1. Unstandardised, either decides which modality a joint head learns first;
-the heads z-score per feature by default (``heads/standardize.py``). These figures say how exposed a
+the heads z-score per feature by default (``heads/blocks/standardize.py``). These figures say how exposed a
 cache is, and the warnings say when it matters.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+from cache.reader import load_split
 
 ORDERS_WARN = 1.0  # warn when two modalities' typical magnitudes differ by 10× or more
 OUTLIER_WARN = 100.0  # warn when one feature's spread is 100× the median feature's
@@ -19,8 +21,6 @@ def value_scales(path: str | Path, split: str = "train") -> dict[str, dict[str, 
     """Per modality, over the present samples of ``split`` (tokens pooled): ``rms`` (root mean square of
     the values), ``std`` (spread around the mean), ``max_abs``, and ``outlier`` (the largest
     per-feature std over the median per-feature std)."""
-    from cache.store import load_split
-
     part = load_split(path, split)
     out = {}
     for m, tokens in part.features.items():

@@ -11,6 +11,9 @@ after which the weak modality receives little gradient: exactly the imbalance th
 Presets mirror the papers' datasets by shape: ``av`` is CREMA-D-like (6 classes, 6698 train +
 validation and 744 test samples, audio 1280-d as Whisper, visual 768-d as CLIP), ``avt`` is
 IEMOCAP-like (4 classes, 5531 samples, 60/20/20, audio, visual and text).
+
+``resolve_caches`` reads a ``--cache`` value: cache folders, or preset names whose caches are
+generated under ``BUILTIN_ROOT`` on first use.
 """
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from cache.replace import write_folder
-from cache.store import CacheError, write_arrays
+from cache.store import CacheError
+from cache.writer import write_arrays
+
+# Where the CLI keeps the built-in caches: beside the code, so that a preset name means the same
+# cache whatever the current folder.
+BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "data" / "builtin"
 
 
 @dataclass
@@ -154,9 +162,6 @@ def builtin_cache(preset: str, root: str | Path = "data/builtin") -> Path:
     if not (path / "manifest.parquet").exists():
         make_synthetic(path, preset, overwrite=True)  # a folder left without a manifest is not a cache yet
     return path
-
-# Where built-in presets are generated on first use (the repository's data/builtin, as cli.py had it).
-BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "data" / "builtin"
 
 
 def resolve_caches(spec: str, builtin_root: Path = BUILTIN_ROOT) -> list[Path]:

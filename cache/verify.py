@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from cache.checksum import ATTR, array_digest, datasets, read_values, shard_digest
-from cache.store import _manifest, _shards, load_meta
+from cache.store import load_meta, read_manifest, shard_files
 
 OLD_SHARDS = "no checksums: written by an older version; content not verified"
 
@@ -115,10 +115,10 @@ def check(path: str | Path) -> Report:
     meta = load_meta(path)
     report = Report()
     problems = report.problems
-    manifest = _manifest(path)
+    manifest = read_manifest(path)
     if manifest["sample_id"].is_duplicated().any():
         problems.append("manifest holds duplicated sample ids")
-    shards = _shards(path)
+    shards = shard_files(path)
     listed = set(manifest["shard"].unique().to_list())
     for missing in sorted(listed - {s.name for s in shards}):
         problems.append(f"{missing}: listed in the manifest but missing on disk")

@@ -16,99 +16,31 @@ path, so a batch pads to prompts of about its own length.
   ``failed.parquet`` (sample_id, modality, reason); features with NaN/inf are refused the same way.
 - Several processes (``accelerate launch``): process r of w takes the listing's samples r, r+w,
   ... and writes its own shards; after a barrier, process 0 merges the manifest and failures.
+
+The DataLoader workers run ``loader.py``, the device side of a batch is ``encoding.py``, and the
+counts and ``failed.parquet`` are ``summary.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import polars as pl
 import torch
 
-from cache import CacheError, CacheWriter, build_manifest, load_meta
-from pipeline.backbones import Backbone, BackboneError, build_backbone
-from pipeline.datasets import DatasetAdapter, DatasetError, DatasetListing, SampleRef, get_dataset
-from pipeline.decode import AUDIO_RATE, LFS_REASON, DecodeError, cause
+from cache import CacheError, CacheWriter, load_meta
+from pipeline.backbones import BACKBONES, Backbone, BackboneError, build_backbone
+from pipeline.datasets import DatasetAdapter, DatasetError, SampleRef, get_dataset
+from pipeline.decode import AUDIO_RATE
+from pipeline.encoding import collect, launch, refuse_non_finite
+from pipeline.loader import Collate, SampleSet
+from pipeline.summary import Summary, clear_failure_parts, finish, write_failure_part
 
-FAILED = "failed.parquet"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_F16_MAX = float(np.finfo(np.float16).max)
-
-
-class SampleSet(torch.utils.data.Dataset):
-    """Decodes and preprocesses one sample per item (in a worker); failures become reasons, not errors."""
-
-    def __init__(self, refs: list[SampleRef], modalities: dict[str, str], pre, frames: int):
-        self.refs, self.modalities, self.pre, self.frames = refs, modalities, pre, frames
-
-    def __len__(self):
-        return len(self.refs)
-
-    def __getitem__(self, i):
-        ref = self.refs[i]
-        inputs, failed = {}, {}
-        for m, kind in self.modalities.items():
-            source = ref.sources.get(m)
-            if source is None:
-                continue  # absent for this sample, by the dataset's own listing
-            # A single odd file must not end a day-long run: any error becomes this sample's reason.
-            try:
-                decoded = self.pre.load(kind, source, ref.window, self.frames)
-            except DecodeError as err:
-                failed[m] = str(err)
-                continue
-            except Exception as err:
-                failed[m] = f"decoding failed ({type(err).__name__}: {str(err)[:150]})"
-                continue
-            try:
-                inputs[m] = self.pre.prepare(kind, decoded)
-            except Exception as err:
-                failed[m] = f"preprocessing failed ({type(err).__name__}: {str(err)[:150]})"
-        return {"id": ref.sample_id, "label": ref.label, "split": ref.split, "inputs": inputs, "failed": failed}
-
-
-class Collate:
-    """Drops unusable samples, then collates each modality over the samples that have it."""
-
-    def __init__(self, modalities: dict[str, str], pre, keep_partial: bool):
-        self.modalities, self.pre, self.keep_partial = modalities, pre, keep_partial
-
-    def __call__(self, items):
-        failures = [(it["id"], m, reason) for it in items for m, reason in it["failed"].items()]
-        keep = [it for it in items if it["inputs"] and (self.keep_partial or not it["failed"])]
-        failures += [(it["id"], "", "no source for the extracted modalities")
-                     for it in items if not it["inputs"] and not it["failed"]]
-        batch = {
-            "ids": [it["id"] for it in keep], "labels": [it["label"] for it in keep],
-            "splits": [it["split"] for it in keep], "failures": failures, "size": len(items),
-            "present": {}, "rows": {}, "inputs": {},
-        }
-        for m, kind in self.modalities.items():
-            rows = [i for i, it in enumerate(keep) if m in it["inputs"]]
-            batch["present"][m] = np.array([m in it["inputs"] for it in keep], dtype=bool)
-            batch["rows"][m] = np.array(rows, dtype=np.int64)
-            if rows:
-                batch["inputs"][m] = self.pre.collate(kind, [keep[i]["inputs"][m] for i in rows])
-        return batch
-
-
-def to_device(obj, device: torch.device):
-    """Tensors in nested dicts/lists/tuples to ``device`` (non-blocking: the loader pinned them)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
 
 
 def select_modalities(dataset: DatasetAdapter, backbone: Backbone, requested: list[str] | None) -> tuple[dict, dict]:
@@ -127,79 +59,6 @@ def select_modalities(dataset: DatasetAdapter, backbone: Backbone, requested: li
         have = ", ".join(f"{m} ({k})" for m, k in available.items())
         raise BackboneError(f"backbone {encodes}; dataset {dataset.name} offers {have}: nothing to extract")
     return chosen, left_out
-
-
-@dataclass
-class Summary:
-    """What one run did. Counts of ``written``/``failed`` cover all processes (known to process 0)."""
-
-    cache: Path
-    rank: int = 0
-    listed: int = 0
-    rejected_by_listing: int = 0
-    already_done: int = 0
-    attempted: int = 0
-    written: int = 0
-    failed_samples: int = 0
-    failed_modalities: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)  # cause (reason without file name) -> count
-    lfs_pointers: int = 0  # media files that are Git LFS pointers (a clone without `git lfs pull`)
-    data_root: Path | None = None
-    in_cache: int = 0
-    left_out: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.attempted / self.seconds if self.seconds > 0 else 0.0
-
-
-def _write_parquet_atomic(frame, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, target)
-
-
-def _failure_frame(rows: list[tuple[str, str, str]]):
-    schema = {"sample_id": pl.String, "modality": pl.String, "reason": pl.String}
-    return pl.DataFrame(rows, schema=schema, orient="row")
-
-
-def _merge_failed(path: Path, listed_ids: set[str], written_now: set[str]):
-    """Merge this run's per-process failure parts into failed.parquet (atomically).
-
-    A sample this run attempted has its old rows replaced (by new ones, or by nothing if it now
-    succeeded); rows of samples this run did not touch are kept; rows of samples no longer listed
-    are dropped. Returns this run's rows.
-    """
-    parts = sorted(path.glob(".failed-*.parquet"))
-    new = pl.concat([pl.read_parquet(p) for p in parts]) if parts else _failure_frame([])
-    old = pl.read_parquet(path / FAILED) if (path / FAILED).exists() else _failure_frame([])
-    touched = set(new["sample_id"].to_list()) | written_now
-    old = old.filter(~pl.col("sample_id").is_in(list(touched)) & pl.col("sample_id").is_in(list(listed_ids)))
-    merged = pl.concat([new, old]).unique(subset=["sample_id", "modality"], keep="first", maintain_order=True)
-    _write_parquet_atomic(merged, path / FAILED)
-    for p in parts:
-        p.unlink()
-    return new
-
-
-def _finish(path: Path, listing: DatasetListing, done_at_start: set[str], summary: Summary) -> None:
-    """Process 0, after every process closed its writer: manifest, failed.parquet, the run's counts."""
-    manifest = build_manifest(path)
-    done_now = set(manifest["sample_id"].to_list())
-    rejected = {s.sample_id for s in listing.skipped}
-    new = _merge_failed(path, {r.sample_id for r in listing.samples} | rejected, done_now - done_at_start)
-    in_cache = pl.col("sample_id").is_in(list(done_now))
-    summary.in_cache = manifest.height
-    summary.written = len(done_now - done_at_start)
-    summary.failed_samples = new.filter(~in_cache & ~pl.col("sample_id").is_in(list(rejected)))["sample_id"].n_unique()
-    # A modality stored absent is a decoding failure of a sample that is in the cache; a listing row
-    # (modality "") of an id in the cache is a rejected duplicate row, not an absent modality.
-    summary.failed_modalities = new.filter(in_cache & (pl.col("modality") != "")).height
-    causes = Counter(cause(r) for r in new["reason"].to_list())
-    summary.reasons = dict(sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])))
-    summary.lfs_pointers = sum(n for c, n in causes.items() if c.startswith(LFS_REASON))
 
 
 def _progress(enabled: bool):
@@ -230,58 +89,6 @@ def _comparable(settings: dict) -> dict:
     return out
 
 
-def _launch(backbone: Backbone, batch: dict, modalities: dict) -> dict:
-    """Queue one collated batch on the device: ``{m: (rows, features, extras, failed rows)}``, copies under way.
-
-    Inputs go to the device without blocking (the loader pinned them); the plain path with bf16/fp16
-    runs under autocast. On CUDA the outputs are copied back without blocking into pinned memory, and
-    an event marks when they are there (``_collect`` waits on it), so the host can fetch the next
-    batch while the device still works on this one.
-    """
-    device, out = backbone.device, {}
-    for m, kind in modalities.items():
-        rows = batch["rows"][m]
-        if not len(rows):
-            continue
-        inputs = to_device(batch["inputs"][m], device)
-        # (no autocast context at all on the fast path: torch 2.1, Ola's, refuses an fp32 one even disabled)
-        with torch.autocast(device.type, dtype=backbone.dtype) if backbone.autocast else contextlib.nullcontext():
-            x, ext = backbone.encode(kind, inputs)
-        failed = inputs.get("failed_rows", {}) if isinstance(inputs, dict) else {}
-        x = x.float().to("cpu", non_blocking=True)
-        ext = {name: value.to("cpu", non_blocking=True) for name, value in ext.items()}
-        out[m] = (rows, x, ext, failed)
-    if device.type == "cuda":
-        done = torch.cuda.Event()
-        done.record()
-        out["_done"] = done
-    return out
-
-
-def _collect(launched: dict, n: int, shapes: dict, extras: dict, modalities: dict):
-    """Wait for a launched batch: ``{m: [n, T, D]}`` (zeros where absent), extras, and ``[(row, m, reason)]``."""
-    if "_done" in launched:
-        launched["_done"].synchronize()
-    feats = {m: np.zeros((n, *shapes[m]), np.float32) for m in modalities}
-    extra = {k: np.zeros(n, dt) for k, dt in extras.items()}
-    bad = []
-    for m in modalities:
-        if m not in launched:
-            continue
-        rows, x, ext, failed = launched[m]
-        feats[m][rows] = x.numpy()
-        for name, value in ext.items():
-            extra[f"{m}_{name}"][rows] = value.numpy()
-        bad += [(int(rows[r]), m, reason) for r, reason in failed.items()]
-    return feats, extra, bad
-
-
-def _encode(backbone: Backbone, batch: dict, modalities: dict, shapes: dict, extras: dict):
-    """Features ``{m: [n, T, D]}`` (zeros where a modality is absent) and extras of one collated batch."""
-    feats, extra, _ = _collect(_launch(backbone, batch, modalities), len(batch["ids"]), shapes, extras, modalities)
-    return feats, extra
-
-
 def _text_length(ref: SampleRef, modalities: dict) -> int:
     """A sample's text length for bucketing: characters of text given inline, bytes of a text file."""
     total = 0
@@ -297,25 +104,6 @@ def _text_length(ref: SampleRef, modalities: dict) -> int:
             except OSError:
                 pass  # the worker will report the file
     return total
-
-
-def _refuse_non_finite(ids: list[str], feats: dict, failures: list, bad=()) -> np.ndarray:
-    """Indices of the samples whose features are all finite and fit float16; the others become failures.
-
-    ``bad``: ``(row, modality, reason)`` of inputs the device could not decode (those samples fail too).
-    """
-    good = np.ones(len(ids), bool)
-    for row, m, reason in bad:
-        failures.append((ids[row], m, reason))
-        good[row] = False
-    for m, x in feats.items():
-        flat = x.reshape(len(ids), -1)
-        finite = np.isfinite(flat).all(1)
-        huge = finite & (np.abs(flat).max(1, initial=0) > _F16_MAX)
-        failures += [(ids[i], m, "non-finite features (NaN or inf); refused") for i in np.flatnonzero(~finite)]
-        failures += [(ids[i], m, "features beyond the float16 range; refused") for i in np.flatnonzero(huge)]
-        good &= finite & ~huge
-    return np.flatnonzero(good)
 
 
 def run_extraction(
@@ -374,8 +162,7 @@ def run_extraction(
 
     if rank == 0:  # process 0 writes meta.json and clears failure parts a crashed run left, before anyone writes
         out = writer()
-        for stale in path.glob(".failed-*.parquet"):
-            stale.unlink()
+        clear_failure_parts(path)
     barrier()
     if rank != 0:
         out = writer()
@@ -423,8 +210,8 @@ def run_extraction(
 
     def store(batch, launched):
         if launched is not None:
-            feats, extra, bad = _collect(launched, len(batch["ids"]), shapes, extras, chosen)
-            keep = _refuse_non_finite(batch["ids"], feats, failures, bad)
+            feats, extra, bad = collect(launched, len(batch["ids"]), shapes, extras, chosen)
+            keep = refuse_non_finite(batch["ids"], feats, failures, bad)
             out.add([batch["ids"][i] for i in keep], np.asarray(batch["labels"])[keep],
                     [batch["splits"][i] for i in keep], {m: x[keep] for m, x in feats.items()},
                     {m: p[keep] for m, p in batch["present"].items()}, {k: v[keep] for k, v in extra.items()})
@@ -439,7 +226,7 @@ def run_extraction(
                 if "first_batch" not in timings:
                     timings["first_batch"] = time.perf_counter() - start
                 failures += batch["failures"]
-                launched = _launch(backbone, batch, chosen) if batch["ids"] else None
+                launched = launch(backbone, batch, chosen) if batch["ids"] else None
                 if pending is not None:
                     store(*pending)
                 pending = (batch, launched)
@@ -464,10 +251,10 @@ def run_extraction(
     out.close(finalize=False)
     summary.seconds = time.perf_counter() - start
     rows = failures + ([(s.sample_id, "", s.reason) for s in listing.skipped] if rank == 0 else [])
-    _write_parquet_atomic(_failure_frame(rows), path / f".failed-{rank:02d}.parquet")
+    write_failure_part(path, rank, rows)
     barrier()
     if rank == 0:
-        _finish(path, listing, done_at_start, summary)
+        finish(path, listing, done_at_start, summary)
     barrier()
     return summary
 
@@ -505,8 +292,6 @@ def extract(
         raise BackboneError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     compute = DTYPES[dtype or ("bf16" if state.device.type == "cuda" else "fp32")]
     dataset = get_dataset(dataset_name, data_root, **(dataset_options or {}))
-    from pipeline.backbones import BACKBONES
-
     clock = time.perf_counter()
     if backbone_name in BACKBONES:
         BACKBONES[backbone_name][0].import_libraries()

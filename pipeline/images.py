@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.decode import DecodeError, _check_file, _reason
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -120,8 +122,6 @@ def read_jpeg(path) -> JpegBytes | None:
     ``failed.parquet`` keeps catching bad files in the worker, before a batch reaches the GPU.
     """
     from PIL import Image
-
-    from pipeline.decode import DecodeError, _check_file, _reason
 
     path = _check_file(path)
     data = path.read_bytes()

@@ -212,7 +212,7 @@ METHODS_A = ["ogm", "film", "bigated", "qmf"]
 
 def four_modality_cache(path: Path) -> Path:
     """A small generated cache with four modalities of different strength (written by the cache writer)."""
-    from cache.store import write_arrays
+    from cache.writer import write_arrays
 
     rng = np.random.default_rng(0)
     n, classes = 240, 3

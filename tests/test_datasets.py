@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 from cache import load_meta, verify
 from pipeline.commands import register
 from pipeline.datasets import DATASETS, DatasetError, get_dataset
-from pipeline.datasets.splits import (SPLITS, group_split, holdout_split, parse_fractions, read_id_list,
-                                      read_split_file, stratified_split)
+from pipeline.datasets.files import read_id_list, read_split_file
+from pipeline.datasets.policy import parse_fractions
+from pipeline.datasets.splits import SPLITS, group_split, holdout_split, stratified_split
 from tests.test_backbones import TINY_RESNET, tiny_clip, tiny_resnet, tiny_whisper
 
 # ---------------------------------------------------------------- media

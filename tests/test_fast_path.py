@@ -59,7 +59,7 @@ def _wavs() -> list[np.ndarray]:
 
 def run(bb, kind: str, decoded: list) -> torch.Tensor:
     """The engine's steps for one batch, in-process: prepare, collate, to the device, encode (autocast as it does)."""
-    from pipeline.extract import to_device
+    from pipeline.encoding import to_device
 
     pre = bb.preprocessor()
     batch = to_device(pre.collate(kind, [pre.prepare(kind, d) for d in decoded]), bb.device)

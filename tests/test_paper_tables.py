@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from cache.importer import import_npz
 from heads.reports import papers
-from heads.importer import import_npz
 from heads.methods import METHODS
 from heads.reports.tables import paper_results_table
 from tests.conftest import ROOT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cache.store import _code_version as code_version
+from cache import code_version
 from heads.blocks.data import DataSpec, HeadData
 from heads.blocks.device import resolve_device
 from heads.errors import OptionError

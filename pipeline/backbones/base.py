@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import images
+from pipeline.decode import decode_source, load_image
+
 _TORCHVISION_SHIM = []  # keeps the torch.library registration alive for the life of the process
 
 
@@ -207,8 +210,6 @@ class Preprocessor(ABC):
 
     def load(self, kind: str, source, window, frames: int):
         """Read one source into what ``prepare`` takes (raises ``DecodeError``); images may stay JPEG bytes."""
-        from pipeline.decode import decode_source
-
         return decode_source(kind, source, window, frames)
 
     @abstractmethod
@@ -230,42 +231,31 @@ class ImagePrep:
     """
 
     def __init__(self, transform, fast: bool, device_decode: bool):
-        from pipeline.images import device_decodable, split_transform
-
         self.transform = transform
-        split = split_transform(transform) if fast else None
+        split = images.split_transform(transform) if fast else None
         self.pil, self.spec = split if split is not None else (None, None)
-        self.device_decode = bool(device_decode and device_decodable(self.spec))
+        self.device_decode = bool(device_decode and images.device_decodable(self.spec))
 
     @property
     def fast(self) -> bool:
         return self.pil is not None
 
     def load(self, source):
-        from pipeline.decode import load_image
-        from pipeline.images import read_jpeg
-
-        return (self.device_decode and read_jpeg(source)) or load_image(source)
+        return (self.device_decode and images.read_jpeg(source)) or load_image(source)
 
     def one(self, image):
         """One decoded image (PIL, or JPEG bytes kept for the device) -> a tensor or JpegBytes."""
-        from pipeline.images import JpegBytes, to_uint8
-
-        if isinstance(image, JpegBytes):
+        if isinstance(image, images.JpegBytes):
             return image
-        return to_uint8(self.pil(image)) if self.fast else self.transform(image)
+        return images.to_uint8(self.pil(image)) if self.fast else self.transform(image)
 
     def frames(self, frames) -> torch.Tensor:
-        from pipeline.images import to_uint8
-
         if self.fast:
-            return torch.stack([to_uint8(self.pil(f)) for f in frames])
+            return torch.stack([images.to_uint8(self.pil(f)) for f in frames])
         return torch.stack([self.transform(f) for f in frames])
 
     def collate(self, items):
-        from pipeline.images import collate_images
-
-        return collate_images(items) if self.fast else torch.stack(items)
+        return images.collate_images(items) if self.fast else torch.stack(items)
 
 
 def device_pixels(prep: ImagePrep, batch, dtype: torch.dtype, device: torch.device, decoder=None) -> torch.Tensor:
@@ -274,12 +264,10 @@ def device_pixels(prep: ImagePrep, batch, dtype: torch.dtype, device: torch.devi
     Plain batches are already normalised float32 (the engine's autocast casts them); fast image
     batches are ``collate_images`` dicts, fast video batches uint8 ``[B, K, 3, H, W]``.
     """
-    from pipeline.images import assemble, normalize
-
     if isinstance(batch, dict):
-        return assemble(batch, prep.spec, dtype, device, decoder)
+        return images.assemble(batch, prep.spec, dtype, device, decoder)
     if batch.dtype == torch.uint8:
-        return normalize(batch, prep.spec, dtype)
+        return images.normalize(batch, prep.spec, dtype)
     return batch
 
 
@@ -310,9 +298,8 @@ class Backbone(ABC):
         self.fast = fast
         if image_decode not in ("auto", "cpu", "device"):
             raise BackboneError(f"image decoding must be auto, cpu or device, got {image_decode!r}")
-        from pipeline.images import device_jpeg_decoder
-
-        self.jpeg_decoder = device_jpeg_decoder(self.device.type) if fast and image_decode != "cpu" else None
+        # Looked up on the module at each build, so that a test can stand in a decoder for nvJPEG.
+        self.jpeg_decoder = images.device_jpeg_decoder(self.device.type) if fast and image_decode != "cpu" else None
         if image_decode == "device" and self.jpeg_decoder is None:
             self.image_decode = "cpu"  # asked for, but this build/device cannot: PIL in the workers
         else:

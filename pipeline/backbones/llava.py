@@ -29,6 +29,7 @@ from pipeline.backbones.base import (
     prompt_text,
     weights_path,
 )
+from pipeline.images import ImageSpec, normalize
 
 
 class LlavaPreprocessor(Preprocessor):
@@ -120,8 +121,6 @@ class LlavaBackbone(Backbone):
                                       self.config["prompts"], self.config["max_text_tokens"], self.fast)
         self.spec = None
         if self.fast:
-            from pipeline.images import ImageSpec
-
             ip = processor.image_processor
             self.spec = ImageSpec(tuple(ip.image_mean), tuple(ip.image_std))
         self.dim = model.config.text_config.hidden_size
@@ -143,8 +142,6 @@ class LlavaBackbone(Backbone):
     def encode(self, kind, batch):
         pixels = batch.get("pixel_values")
         if pixels is not None and pixels.dtype == torch.uint8:
-            from pipeline.images import normalize
-
             pixels = normalize(pixels, self.spec, self.model.dtype)
         out = self.model.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 
 from pipeline.datasets.base import DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
-from pipeline.datasets.splits import SplitPolicy, file_problem
+from pipeline.datasets.files import file_problem
+from pipeline.datasets.policy import SplitPolicy
 
 CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 _NAME = re.compile(r"^(\d+)_([A-Z]+)_([A-Z]+)_([A-Z]+)$")

@@ -22,7 +22,7 @@ import re
 
 from pipeline.datasets.base import (KINDS, DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped,
                                     check_options)
-from pipeline.datasets.splits import SPLIT_OPTIONS
+from pipeline.datasets.policy import SPLIT_OPTIONS
 
 _MODALITY = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLITS = ("train", "val", "test")

@@ -16,7 +16,8 @@ import csv
 import math
 
 from pipeline.datasets.base import DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
-from pipeline.datasets.splits import SplitPolicy, file_problem, parse_int, read_text
+from pipeline.datasets.files import file_problem, read_text
+from pipeline.datasets.policy import SplitPolicy, parse_int
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _OFFICIAL = ("train", "test")

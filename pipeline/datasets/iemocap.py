@@ -27,7 +27,8 @@ from __future__ import annotations
 import re
 
 from pipeline.datasets.base import DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
-from pipeline.datasets.splits import SplitPolicy, file_problem, parse_choice, read_text
+from pipeline.datasets.files import file_problem, read_text
+from pipeline.datasets.policy import SplitPolicy, parse_choice
 
 SIX = ["hap", "sad", "neu", "ang", "exc", "fru"]
 FOUR = ["hap", "sad", "neu", "ang"]

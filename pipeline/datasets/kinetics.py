@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 
 from pipeline.datasets.base import DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
-from pipeline.datasets.splits import SplitPolicy, file_problem, parse_choice, read_text
+from pipeline.datasets.files import file_problem, read_text
+from pipeline.datasets.policy import SplitPolicy, parse_choice
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov"}
 # YouTube ids are 11 characters and may contain '_' and '-', so the id is taken by length.

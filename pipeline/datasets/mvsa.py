@@ -14,7 +14,8 @@ real data then give 1555/518/519). The text modality's source is the tweet itsel
 from __future__ import annotations
 
 from pipeline.datasets.base import DatasetAdapter, DatasetError, DatasetListing, SampleRef, Skipped
-from pipeline.datasets.splits import SplitPolicy, file_problem, parse_choice, read_text
+from pipeline.datasets.files import file_problem, read_text
+from pipeline.datasets.policy import SplitPolicy, parse_choice
 
 CLASSES = ["negative", "neutral", "positive"]
 RULES = {"a": (0.8, 0.1, 0.1), "b": (0.6, 0.2, 0.2)}

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import CacheError, write_arrays
 from cache.replace import write_folder
+from cache.store import CacheError
+from cache.writer import write_arrays
 
 
 def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -> list[str]:
