@@ -19,6 +19,7 @@ from heads.sweeps import workers
 from heads.train.config import TrainConfig, resolve_training
 from heads.train.evaluation import evaluate
 from heads.train.options import resolve_options
+from heads.train.rundir import load_run
 from heads.train.trainer import Trainer, masked_splits
 
 
@@ -140,3 +141,15 @@ def close_run(data: HeadData, job: Job, trainer: Trainer) -> dict:
     ckpt.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
     return {"epoch": trainer.epoch, "val_acc": curve, "record": record}
+
+
+def add_test_rates(run_dir: Path, data: HeadData, spec: RunSpec) -> dict:
+    """A finished run asked for more masked-test rates: evaluate its saved model, no retraining."""
+    record = json.loads((run_dir / "results.json").read_text())
+    model, cfg = load_run(run_dir)
+    rows = record.setdefault("missing_test", {})
+    for rate in spec.test_rates:
+        if str(rate) not in rows:
+            rows[str(rate)] = masked_test(model, data, cfg, rate)
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(record, indent=2)))
+    return record

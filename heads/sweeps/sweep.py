@@ -40,11 +40,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from heads.blocks.data import HeadData
 from heads.blocks.device import resolve_device
 from heads.errors import OptionError
-from heads.sweeps.jobs import Job, RunSpec, advance, atomic_write, checkpoint_paths, identity, masked_test, work
+from heads.sweeps.jobs import Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, work
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
 from heads.sweeps.workers import Workers, default_workers
 from heads.train.config import build_model
-from heads.train.rundir import load_run
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
@@ -292,7 +291,7 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     for spec in specs:
         record = state.finished[spec.name]
         if spec.test_rates and not all(str(r) in record.get("missing_test", {}) for r in spec.test_rates):
-            record = _add_test_rates(folder / spec.name, data, spec)
+            record = add_test_rates(folder / spec.name, data, spec)
         records.append(record)
     return records
 
@@ -306,18 +305,6 @@ def _stacks(plan: list, state: _State, folder: Path, milestones) -> list[list[Jo
         job = Job(spec, str(folder), start, until, finish, milestones)
         groups.setdefault((stack_key(spec.cfg), start, until, finish), []).append(job)
     return list(groups.values())
-
-
-def _add_test_rates(run_dir: Path, data: HeadData, spec: RunSpec) -> dict:
-    """A finished run asked for more masked-test rates: evaluate its saved model, no retraining."""
-    record = json.loads((run_dir / "results.json").read_text())
-    model, cfg = load_run(run_dir)
-    rows = record.setdefault("missing_test", {})
-    for rate in spec.test_rates:
-        if str(rate) not in rows:
-            rows[str(rate)] = masked_test(model, data, cfg, rate)
-    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(record, indent=2)))
-    return record
 
 
 def _progress_bar(enabled: bool):
