@@ -96,7 +96,7 @@ def register(app: typer.Typer, guard) -> None:
     @guard
     def compare(
         methods: str = typer.Option(None, help="Comma-separated method specs, NAME[key=value;...] sets options (default: every method)."),
-        paper: str = typer.Option(None, "--paper", help="edm, mla or ccat: run the methods of that paper's main table that this tool has, each with its paper's settings, and print the paper's numbers beside ours."),
+        paper: str = typer.Option(None, "--paper", help="edm, mla, ccat or balancemm: run the methods of that paper's main table (BalanceMM: its results table) that this tool has, each with its own training settings, and print the paper's numbers beside ours."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
         cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
         hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
@@ -116,9 +116,9 @@ def register(app: typer.Typer, guard) -> None:
         Methods with options: --methods 'concat,edm[order=weak-to-strong],edm[order=strong-to-weak]'
         (inside brackets separate options with ';' or ',').
 
-        --paper edm|mla|ccat runs the rows of that paper's main table instead (EDM paper Table I, MLA
-        Table 1, CCAT Table 1) and adds the paper's number for the cache's dataset beside ours; also
-        written to OUT/NAME/paper.md.
+        --paper edm|mla|ccat|balancemm runs the rows of that paper's main table instead (EDM paper
+        Table I, MLA Table 1, CCAT Table 1, BalanceMM's results table) and adds the paper's number for
+        the cache's dataset beside ours; also written to OUT/NAME/paper.md.
         """
         from cache.synthetic import resolve_caches
         from heads.blocks.data import load_head_data

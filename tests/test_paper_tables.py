@@ -25,15 +25,28 @@ MAPPING = {
             "OGM-GE": "ogm-ge", "QMF": "qmf", "MLA (Ours)": "mla"},
     "ccat": {"Sum": "sum", "Concat": "concat", "FiLM": "film", "BiGated": "bigated", "OGM-GE": "ogm-ge", "QMF": "qmf",
              "MLA": "mla", "MMPareto": "mmpareto", "LFM": "lfm", "CCAT (Ours)": "ccat"},
+    "balancemm": {"Unimodal-1": None, "Unimodal-2": None, "Baseline (joint concat)": "concat", "MMCosine": "mmcosine",
+                  "UMT": "umt", "MBSD": "mbsd", "CML": "cml", "GBlending": "gblend", "MMPareto": "mmpareto",
+                  "LFM": "lfm", "OGM": "ogm-ge", "AGM": "agm", "PMR": "pmr", "Relearning": "relearn",
+                  "ReconBoost": "reconboost", "MLA": "mla", "OPM": "opm", "Greedy": "greedy", "AMCo": "amco",
+                  "Modality-valuation": "valuation"},
 }
 # Methods another change adds; until then `--paper` skips them with a note.
-PLANNED = {"ogm", "film", "bigated", "qmf", "mmpareto", "lfm", "crmt"}
+PLANNED = {"mmcosine", "cml", "mbsd", "agm", "opm", "amco", "pmr", "relearn", "mslr", "mses", "dimml", "valuation",
+           "gblend", "umt", "reconboost", "greedy"}
+# BalanceMM's table (METHODS-MORE.md Appendix B), read from its results figure: multimodal accuracy and
+# macro-F1 of each row on Kinetics-Sounds and CREMA-D.
+BALANCEMM = {"Baseline (joint concat)": (65.63, 65.28, 65.50, 65.07), "MMPareto": (74.55, 74.21, 79.97, 80.57),
+             "AGM": (66.62, 65.88, 71.59, 72.11), "Modality-valuation": (68.01, 68.03, 75.85, 76.68),
+             "Unimodal-2": (45.31, 43.76, 58.10, 56.81)}
 
 
 def test_tables_parse_and_every_row_names_its_source():
     tables = papers.load_tables()
-    assert list(tables) == ["edm", "mla", "ccat"]
+    assert list(tables) == ["edm", "mla", "ccat", "balancemm"]
     for name, table in tables.items():
+        if name == "balancemm":
+            continue  # a results figure, not a paper's text: its own test below
         ids = [c["id"] for c in table["columns"]]
         assert len(set(ids)) == len(ids) and table["rows"] and set(table["metrics"]) <= {"acc", "edm"}
         assert re.fullmatch(r"Table [IVX0-9]+", table["table"]) and table["text"].endswith(".txt")
@@ -53,6 +66,20 @@ def test_tables_parse_and_every_row_names_its_source():
                 assert {k for k in values if not k.endswith("_std")} == expected, (name, row["row"], cid)
                 assert all(isinstance(v, float) and 0 <= v <= 200 for v in values.values())
             assert set(row.get("notes", {})) <= set(ids) and set(row.get("options", {})) <= set(ids)
+
+
+def test_balancemm_table_is_its_results_figure():
+    """Every row of BalanceMM's figure, accuracy and macro-F1 on both datasets; the note says it selects on test."""
+    table = papers.load_tables()["balancemm"]
+    assert table["metrics"] == ["acc", "f1"] and [c["id"] for c in table["columns"]] == ["ks", "cremad"]
+    assert len(table["rows"]) == 20 and "selects every number on the test split" in table["remark"]
+    for row in table["rows"]:
+        assert row["table"] == table["table"] and set(row["values"]) == {"ks", "cremad"}
+        assert all(set(v) == {"acc", "f1"} and all(isinstance(x, float) for x in v.values())
+                   for v in row["values"].values())
+    rows = {r["row"]: r["values"] for r in table["rows"]}
+    for name, (ks_acc, ks_f1, cd_acc, cd_f1) in BALANCEMM.items():
+        assert rows[name] == {"ks": {"acc": ks_acc, "f1": ks_f1}, "cremad": {"acc": cd_acc, "f1": cd_f1}}
 
 
 def test_rows_map_to_our_method_names():
@@ -247,3 +274,17 @@ def test_compare_paper_errors_are_one_line(args, message, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_balancemm_reference_lists_every_row_with_accuracy_and_f1():
+    """On a cache of neither dataset (the built-in data) every BalanceMM row is printed, ours named where
+    it runs, with its accuracy and macro-F1 on both datasets."""
+    from heads.reports.tables import paper_reference_table
+
+    table = papers.load_tables()["balancemm"]
+    rows = papers.plan(table, METHODS, [])
+    text = paper_reference_table(table, rows)
+    assert "paper F1 · CREMA-D (ResNet-18, trained end to end)" in text
+    body = text.splitlines()[2:]
+    assert len(body) == 20 and body[2].startswith("| Baseline (joint concat) | concat | 65.63 | 65.28 | 65.50 | 65.07 |")
+    assert all(("not implemented" in line) == line.startswith("| Unimodal") for line in body)

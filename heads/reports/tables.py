@@ -54,7 +54,7 @@ def results_table(results: list[dict], modalities: list[str], split: str = "test
     return _markdown(head, rows)
 
 
-_PAPER_METRIC = {"acc": ("acc multi", "paper acc"), "edm": ("EDM", "paper EDM")}
+_PAPER_METRIC = {"acc": ("acc multi", "paper acc"), "f1": ("macro-F1", "paper F1"), "edm": ("EDM", "paper EDM")}
 
 
 def paper_results_table(results: list[dict], modalities: list[str], table: dict, rows: list, columns: list[dict],
@@ -90,13 +90,15 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
 
 
 def paper_reference_table(table: dict, rows: list) -> str:
-    """A paper's multimodal accuracy on each of its datasets, as printed, for a cache that is none of them.
+    """A paper's multimodal accuracy (and macro-F1 where it reports it) on each of its datasets, as printed,
+    for a cache that is none of them.
 
     ``rows`` are ``heads.reports.papers.PaperRow``: the "ours" column names the spec that ran, or why none did.
     """
-    head = ["paper row", "ours"] + [f"paper acc · {column_title(c)}" for c in table["columns"]]
+    shown = ["acc"] + (["f1"] if "f1" in table["metrics"] else [])  # the multimodal figures the table reports
+    head = ["paper row", "ours"] + [f"{_PAPER_METRIC[m][1]} · {column_title(c)}" for c in table["columns"] for m in shown]
     lines = [[prow.row["row"], prow.spec or f"{prow.row['ours'] or '-'} ({prow.status})"]
-             + [cell(prow.row, c, "acc") for c in table["columns"]] for prow in rows]
+             + [cell(prow.row, c, m) for c in table["columns"] for m in shown] for prow in rows]
     return _markdown(head, lines)
 
 
