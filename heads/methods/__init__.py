@@ -11,13 +11,16 @@ from heads.errors import OptionError
 from heads.methods.base import HeadMethod
 from heads.methods.bigated import BiGated
 from heads.methods.ccat import CCAT
+from heads.methods.cml import CML
 from heads.methods.concat import Concat
 from heads.methods.crmt import CRMT
 from heads.methods.edm import EDM
 from heads.methods.film import FiLM
 from heads.methods.late import Late
 from heads.methods.lfm import LFM
+from heads.methods.mbsd import MBSD
 from heads.methods.mla import MLA
+from heads.methods.mmcosine import MMCosine
 from heads.methods.mmpareto import MMPareto
 from heads.methods.ogm import OGM
 from heads.methods.ogm_ge import OGMGE
@@ -39,6 +42,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mmpareto": MMPareto,
     "lfm": LFM,
     "crmt": CRMT,
+    "mmcosine": MMCosine,
+    "cml": CML,
+    "mbsd": MBSD,
 }
 
 
