@@ -309,3 +309,60 @@ def test_one_seed_gives_one_run_alone_interleaved_or_resumed():
         assert [r["draw"] for r in other.rows] == [r["draw"] for r in alone.rows]
         assert all(torch.equal(p, q) for p, q in zip(alone.model.parameters(), other.model.parameters()))
     assert [r["draw"] for r in b.rows] != [r["draw"] for r in alone.rows]  # another seed, another stream
+
+
+# --- qmf: the per-sample loss history of its official code -----------------------------------------
+def test_qmf_history_is_per_sample_and_survives_across_batches_epochs_and_checkpoints():
+    """With lr 0 the weights never move, so after two shuffled epochs every training sample's history
+    is exactly twice its own unimodal CE: each visit was added to that sample's entry, whichever
+    batch it fell in; a sample's absent modality adds nothing (30% of each modality masked). A
+    checkpoint carries the history, and attaching again does not reset it."""
+    data = data_of()
+    trainer = Trainer(data, cfg_of(method="qmf", lr=0.0, epochs=2, missing_train=0.3))
+    model = trainer.model
+    assert model.history.shape == (2, 20) and not model.history.any()
+    trainer.run(2)
+    train = trainer.ready["train"]
+    with torch.no_grad():
+        logits = model.unimodal_logits(train.batch(torch.arange(20)))
+    for i, m in enumerate(MODS):
+        per_sample = nn.functional.cross_entropy(logits[m], train.y, reduction="none")
+        assert not train.present[m].all()
+        torch.testing.assert_close(model.history[i], 2 * per_sample * train.present[m])
+    buffer = io.BytesIO()
+    torch.save(trainer.checkpoint(), buffer)
+    buffer.seek(0)
+    resumed = Trainer(data, cfg_of(method="qmf", lr=0.0, epochs=2, missing_train=0.3))
+    resumed.restore(torch.load(buffer, weights_only=False))
+    torch.testing.assert_close(resumed.model.history, model.history)
+    assert "history" not in model.state_dict()  # training state: not in model.pt
+
+
+def test_qmf_refuses_a_batch_without_rows():
+    model = build_model(cfg_of(method="qmf"), data_of().spec)
+    batch = split_of(4, 0).batch(torch.arange(4))
+    batch.index = None
+    with pytest.raises(ValueError, match="Batch.index"):
+        model.loss(batch)
+
+
+def test_qmf_fusion_weights_pass_no_gradient():
+    """``f = Σ_m s.g.(w_m) · f_m`` (the text-image and MLA code): the fused CE's gradient on each
+    classifier is that of the weighted sum with the weights held constant — read from autograd on a
+    hand-written copy whose weights are plain numbers."""
+    data = data_of()
+    model = build_model(cfg_of(method="qmf"), data.spec)
+    with torch.no_grad():
+        for m in MODS:
+            model.cls[m].weight *= 5  # weights far from equal, so a gradient through them would show
+    batch = data.train.batch(torch.arange(8))
+    logits = model.unimodal_logits(batch)
+    nn.functional.cross_entropy(model.fuse(logits, model.confidence(logits, batch.present)), batch.y).backward()
+    got = {m: model.cls[m].weight.grad.clone() for m in MODS}
+    h = {m: torch.relu(model.proj[m].linear(batch.x[m])).detach() for m in MODS}
+    w_cls = {m: model.cls[m].weight.detach().clone().requires_grad_(True) for m in MODS}
+    f = {m: h[m] @ w_cls[m].T + model.cls[m].bias.detach() for m in MODS}
+    const = {m: 0.1 * torch.logsumexp(f[m], -1).detach() for m in MODS}  # numbers, not functions of W
+    nn.functional.cross_entropy(sum(const[m][:, None] * f[m] for m in MODS), batch.y).backward()
+    for m in MODS:
+        torch.testing.assert_close(got[m], w_cls[m].grad)
