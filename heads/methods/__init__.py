@@ -19,8 +19,11 @@ from heads.methods.late import Late
 from heads.methods.lfm import LFM
 from heads.methods.mla import MLA
 from heads.methods.mmpareto import MMPareto
+from heads.methods.mses import MSES
+from heads.methods.mslr import MSLR
 from heads.methods.ogm import OGM
 from heads.methods.ogm_ge import OGMGE
+from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
 from heads.methods.sum import Sum
 
@@ -39,6 +42,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mmpareto": MMPareto,
     "lfm": LFM,
     "crmt": CRMT,
+    "mslr": MSLR,
+    "mses": MSES,
+    "pmr": PMR,
 }
 
 
