@@ -153,55 +153,63 @@ def test_qmf_prediction_is_the_confidence_weighted_sum_and_an_absent_modality_ha
     torch.testing.assert_close(model.logits(b.only(["v"])).detach(), w["v"] * f["v"])
 
 
-def rank_by_hand(conf, loss, present):
+def rank_by_hand(conf, own, present, lo, hi):
     """The official ``rank_loss`` (MarginRankingLoss(margin 0), target −sign) written out over cyclic
-    neighbours i → i + 1, the history = these losses min–max normalised over the present samples."""
-    rows = [i for i in range(len(conf)) if present[i]]
-    lo, hi = min(loss[i] for i in rows), max(loss[i] for i in rows)
+    neighbours i → i + 1: ``own`` is the batch's loss histories, ``lo``/``hi`` the whole training
+    set's smallest and largest history (the code's ``History.correctness_normalize``)."""
     terms = []
     for i in range(len(conf)):
         j = (i + 1) % len(conf)
         if not (present[i] and present[j]):
             continue
-        t = (loss[i] > loss[j]) - (loss[i] < loss[j])
-        margin = abs(loss[i] - loss[j]) / (hi - lo)
+        t = (own[i] > own[j]) - (own[i] < own[j])
+        margin = abs(own[i] - own[j]) / (hi - lo)
         x2 = conf[j] + margin / (t if t else 1)
         terms.append(max(0.0, t * (conf[i] - x2)))  # max(0, −y·(x1 − x2)) with y = −t
     return sum(terms) / len(terms)
 
 
 def test_qmf_ranking_term_by_hand():
-    """Harder samples (larger loss) may not be more confident than easier ones by more than the loss gap.
-    conf (3, .5, 2), loss (1, .2, .6): span .8; pairs (0,1): 2.5 − 1 = 1.5; (1,2): 1.5 − .5 = 1; (2,0): 1 − .5 = .5."""
+    """Harder samples (larger history) may not be more confident than easier ones by more than the gap.
+    conf (3, .5, 2), history (1, .2, .6) of a 3-sample training set: span .8; pairs (0,1): 2.5 − 1 = 1.5;
+    (1,2): 1.5 − .5 = 1; (2,0): 1 − .5 = .5."""
     model = build("qmf")
-    conf, loss = torch.tensor([3.0, 0.5, 2.0]), torch.tensor([1.0, 0.2, 0.6])
+    conf, history = torch.tensor([3.0, 0.5, 2.0]), torch.tensor([1.0, 0.2, 0.6])
     everyone = torch.ones(3, dtype=torch.bool)
-    assert rank_by_hand(conf.tolist(), loss.tolist(), [True] * 3) == pytest.approx(1.0)
-    assert float(model.rank_loss(conf, loss, everyone)) == pytest.approx(1.0)
-    # Two more samples without the modality: no pair with them, and their losses (100 and 0.01) are
-    # not in the normalisation (max and min over the present samples only).
-    conf5, loss5 = torch.tensor([3.0, 0.5, 2.0, 7.0, 9.0]), torch.tensor([1.0, 0.2, 0.6, 100.0, 0.01])
-    present5 = torch.tensor([True, True, True, False, False])
-    assert float(model.rank_loss(conf5, loss5, present5)) == pytest.approx((1.5 + 1.0) / 2)
+    assert rank_by_hand(conf.tolist(), history.tolist(), [True] * 3, 0.2, 1.0) == pytest.approx(1.0)
+    assert float(model.rank_loss(conf, torch.arange(3), everyone, history)) == pytest.approx(1.0)
+    # The batch is rows (0, 1, 2, 3, 4) of a six-sample training set whose history spans 0 … 10 (row 5,
+    # not in the batch, holds the maximum): span 10. Rows 3 and 4 lack the modality: no pair with them.
+    # (0,1): t = 1, 2.5 − .08 = 2.42; (1,2): t = −1, 1.5 − .04 = 1.46.
+    history6 = torch.tensor([1.0, 0.2, 0.6, 5.0, 0.0, 10.0])
+    conf5, present5 = torch.tensor([3.0, 0.5, 2.0, 7.0, 9.0]), torch.tensor([True, True, True, False, False])
+    assert float(model.rank_loss(conf5, torch.arange(5), present5, history6)) == pytest.approx((2.42 + 1.46) / 2)
 
 
 def test_qmf_loss_is_fused_ce_plus_unimodal_ce_plus_lambda_ranking():
-    """``CE(Σ w f) + Σ_m CE(f_m) + λ Σ_m L_rank(w_m, ℓ_m)``, λ = 0.1, v absent on two samples."""
+    """``CE(Σ w f) + Σ_m CE(f_m) + λ Σ_m L_rank(w_m, ℓ_m)``, λ = 0.1, v absent on two samples; the batch is
+    rows 9, 2, … of a 12-sample training set whose history already holds earlier visits."""
     model, b = build("qmf"), make_batch(n=8)
     with torch.no_grad():  # confidences far enough apart that the ranking term is not zero
         for m in "av":
             model.cls[m].weight *= 20
     b.present["v"][2:4] = False
     b.x["v"][2:4] = 0
+    b.index = torch.tensor([9, 2, 5, 0, 11, 7, 3, 6])
+    model.history = torch.rand(2, 12, generator=torch.Generator().manual_seed(1))
+    before = model.history.clone()
     f = {m: linear(model.cls[m], proj(model, m, b.x[m])) for m in "av"}
     w = {m: 0.1 * torch.logsumexp(f[m], -1) * b.present[m] for m in "av"}
     fused = w["a"][:, None] * f["a"] + w["v"][:, None] * f["v"]
     want, rank = F.cross_entropy(fused, b.y).item(), 0.0
-    for m in "av":
+    for i, m in enumerate("av"):
         rows = b.present[m]
         per = F.cross_entropy(f[m], b.y, reduction="none")
         want += per[rows].mean().item()
-        rank += rank_by_hand(w[m].tolist(), per.tolist(), rows.tolist())
+        after = before[i].clone()
+        after[b.index] += per * rows  # the code adds the batch's losses before it ranks
+        rank += rank_by_hand(w[m].tolist(), after[b.index].tolist(), rows.tolist(), float(after.min()),
+                             float(after.max()))
     assert rank > 0.05  # the term this test pins is not vanishing
     assert float(model.loss(b).detach()) == pytest.approx(want + 0.1 * rank, rel=1e-5)
 

@@ -22,6 +22,12 @@ class Batch:
     ``counts[m]`` is how many samples have m, known on the host: methods branch on ``has(m)`` and
     ``full(m)`` instead of ``bool(present[m].any())``, which on a GPU would wait for the device in the
     middle of the batch loop. Batches cut from a split carry it; a hand-built batch computes it once.
+
+    ``index[i]`` (a device tensor ``[B]``) is the row of sample i in its split — for a row of a derived
+    split (an epoch split of copies, ``SplitTensors.take``/``cat``), the row of the split it was taken
+    from — so a method can keep per-sample state across batches and epochs (qmf's loss history).
+    Every batch cut from a split carries it (training, evaluation, ``only``, the standardiser's map,
+    stacked training); a hand-built batch has none unless given.
     """
 
     x: dict[str, torch.Tensor]
@@ -29,6 +35,7 @@ class Batch:
     present: dict[str, torch.Tensor]
     y: torch.Tensor
     counts: dict[str, int] | None = field(default=None, repr=False)
+    index: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -62,18 +69,25 @@ class Batch:
                 tokens[m] = torch.zeros_like(self.tokens[m])
                 present[m] = torch.zeros_like(self.present[m])
                 counts[m] = 0
-        return Batch(x, tokens, present, self.y, counts)
+        return Batch(x, tokens, present, self.y, counts, self.index)
 
 
 @dataclass
 class SplitTensors:
-    """One split ready for heads: pooled and token features, present masks, labels, ids."""
+    """One split ready for heads: pooled and token features, present masks, labels, ids.
+
+    ``index`` is None for a split of its own (its rows are 0 … N−1). A split *derived* from another
+    for one epoch (``take``, ``only``, ``cat``: re-sampled copies, a held-out part left out) keeps in
+    ``index`` the row of the original split each of its rows stands for, and its batches carry those
+    rows as ``Batch.index``. ``subset`` makes a split of its own (rows renumbered).
+    """
 
     ids: list[str]
     x: dict[str, torch.Tensor]
     tokens: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
     y: torch.Tensor
+    index: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -92,8 +106,10 @@ class SplitTensors:
         x = {m: take(t) for m, t in self.x.items()}
         tokens = {m: x[m].unsqueeze(1) if t.shape[1] == 1 else take(t) for m, t in self.tokens.items()}
         y = take(self.y)
+        rows = torch.arange(*index.indices(len(self)), device=self.device) if isinstance(index, slice) else index
         return Batch(x, tokens, {m: take(p) for m, p in self.present.items()}, y,
-                     self._counts(index if host_index is None else host_index, y.shape[0]))
+                     self._counts(index if host_index is None else host_index, y.shape[0]),
+                     rows if self.index is None else self.index.index_select(0, rows))
 
     def _counts(self, index: torch.Tensor | slice, n: int) -> dict[str, int]:
         """Present samples per modality among rows ``index``, from host-side masks (cached on the split)."""
@@ -126,7 +142,8 @@ class SplitTensors:
         self._counts(slice(0, 0), 0)  # builds the host masks
         moved = SplitTensors(self.ids, {m: t.to(device) for m, t in self.x.items()},
                              {m: t.to(device) for m, t in self.tokens.items()},
-                             {m: p.to(device) for m, p in self.present.items()}, self.y.to(device))
+                             {m: p.to(device) for m, p in self.present.items()}, self.y.to(device),
+                             None if self.index is None else self.index.to(device))
         moved.__dict__["_eval_order"] = order.to(device)
         moved.__dict__["_present_host"] = self.__dict__["_present_host"]
         return moved
@@ -147,7 +164,7 @@ class SplitTensors:
             yield self.batch(on_device[start:start + batch_size], order[start:start + batch_size])
 
     def subset(self, index: torch.Tensor) -> "SplitTensors":
-        """Rows ``index`` of this split (a new split; tensors are copied)."""
+        """Rows ``index`` of this split as a split of its own (rows renumbered; tensors are copied)."""
         idx = index.tolist()
         return SplitTensors(
             [self.ids[i] for i in idx],
@@ -156,6 +173,44 @@ class SplitTensors:
             {m: p[index] for m, p in self.present.items()},
             self.y[index],
         )
+
+    # --- derived splits: the rows of one epoch (``HeadMethod.epoch_split``) --------------------------
+    def source_rows(self) -> torch.Tensor:
+        """The row of the original split each row stands for (``0 … N−1`` for a split of its own)."""
+        return torch.arange(len(self), device=self.device) if self.index is None else self.index
+
+    def take(self, index: torch.Tensor) -> "SplitTensors":
+        """Rows ``index`` (repeats allowed: copies), each remembering its original row (``Batch.index``).
+        ``index`` may live on the split's device; reading the ids from it waits for the device once."""
+        index = index.to(self.device)
+        rows = index.tolist()
+        return SplitTensors([self.ids[i] for i in rows], {m: t.index_select(0, index) for m, t in self.x.items()},
+                            {m: t.index_select(0, index) for m, t in self.tokens.items()},
+                            {m: p.index_select(0, index) for m, p in self.present.items()}, self.y.index_select(0, index),
+                            self.source_rows().index_select(0, index))
+
+    def with_present(self, present: dict[str, torch.Tensor]) -> "SplitTensors":
+        """The same rows with these present masks (they may only remove): a removed modality's
+        features become zeros, exactly as a missing one is stored."""
+        present = {m: present.get(m, p) & p for m, p in self.present.items()}
+        x = {m: t * present[m][:, None].to(t.dtype) for m, t in self.x.items()}
+        tokens = {m: t * present[m][:, None, None].to(t.dtype) for m, t in self.tokens.items()}
+        return SplitTensors(self.ids, x, tokens, present, self.y, self.index)
+
+    def only(self, modalities) -> "SplitTensors":
+        """The same rows with every modality outside ``modalities`` made absent (``Batch.only`` for a split)."""
+        keep = set(modalities)
+        return self.with_present({m: p & (m in keep) for m, p in self.present.items()})
+
+    @classmethod
+    def cat(cls, parts: list["SplitTensors"]) -> "SplitTensors":
+        """The rows of ``parts`` one after the other (parts derived from one split: the original rows
+        and their edited copies), each keeping its original row."""
+        first = parts[0]
+        return cls([i for p in parts for i in p.ids], {m: torch.cat([p.x[m] for p in parts]) for m in first.x},
+                   {m: torch.cat([p.tokens[m] for p in parts]) for m in first.tokens},
+                   {m: torch.cat([p.present[m] for p in parts]) for m in first.present}, torch.cat([p.y for p in parts]),
+                   torch.cat([p.source_rows() for p in parts]))
 
     def with_missing(self, rate: float, seed: int) -> "SplitTensors":
         """Mask a fraction ``rate`` of each modality's present samples, never a sample's last modality.
@@ -186,7 +241,7 @@ class SplitTensors:
         present = {m: keep[:, i] for i, m in enumerate(mods)}
         x = {m: self.x[m] * present[m][:, None] for m in mods}
         tokens = {m: self.tokens[m] * present[m][:, None, None] for m in mods}
-        return SplitTensors(self.ids, x, tokens, present, self.y)
+        return SplitTensors(self.ids, x, tokens, present, self.y, self.index)
 
 
 def _exact_masks(orig: torch.Tensor, rate: float, seed: int, balance: bool) -> torch.Tensor | None:

@@ -11,7 +11,8 @@ resolved values (and where they came from) are what ``config.json`` records.
 
 Schedules are a function of the epoch (``scheduled_lr``), applied by the core at the start of every
 epoch to whatever optimizer the method holds then, so methods that rebuild their optimizer (CCAT's
-stage switch) and runs resumed from a checkpoint follow the same curve.
+stage switch) and runs resumed from a checkpoint follow the same curve. A parameter group may carry
+an ``lr_factor`` (per-modality learning rates): its rate is the scheduled rate times that factor.
 """
 from __future__ import annotations
 
@@ -99,5 +100,7 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The epoch's scheduled ``lr`` into every parameter group, times the group's ``lr_factor`` (1 unless
+    a method tagged the group: per-modality learning rates, ``HeadMethod.set_lr_factor``)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_factor", 1.0)

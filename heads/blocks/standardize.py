@@ -107,7 +107,7 @@ class Standardizer(nn.Module):
                 parts_t.append(batch.tokens[m])
             x[m] = torch.cat(parts_x) if parts_x else split.x[m]
             tokens[m] = torch.cat(parts_t) if parts_t else split.tokens[m]
-        out = SplitTensors(split.ids, x, tokens, split.present, split.y)
+        out = SplitTensors(split.ids, x, tokens, split.present, split.y, split.index)
         for key in ("_eval_order", "_present_host"):  # content-derived: identical for the mapped split
             if key in split.__dict__:
                 out.__dict__[key] = split.__dict__[key]
@@ -125,7 +125,7 @@ class Standardizer(nn.Module):
                 tokens[m] = x[m].unsqueeze(1)
             else:
                 tokens[m] = (batch.tokens[m] - self.shift(m)) * self.inv_scale(m) * keep[:, None, None]
-        return Batch(x, tokens, batch.present, batch.y, batch.counts)
+        return Batch(x, tokens, batch.present, batch.y, batch.counts, batch.index)
 
 
 class _View:
@@ -137,3 +137,4 @@ class _View:
         self.present = {m: split.present[m][rows]}
         self.y = split.y[rows]
         self.counts = None
+        self.index = None

@@ -22,8 +22,11 @@ from heads.methods.mbsd import MBSD
 from heads.methods.mla import MLA
 from heads.methods.mmcosine import MMCosine
 from heads.methods.mmpareto import MMPareto
+from heads.methods.mses import MSES
+from heads.methods.mslr import MSLR
 from heads.methods.ogm import OGM
 from heads.methods.ogm_ge import OGMGE
+from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
 from heads.methods.sum import Sum
 
@@ -45,6 +48,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mmcosine": MMCosine,
     "cml": CML,
     "mbsd": MBSD,
+    "mslr": MSLR,
+    "mses": MSES,
+    "pmr": PMR,
 }
 
 

@@ -23,16 +23,21 @@ below is the code's.
   normalised), ``L_rank = mean_i max(0, t · (w_i − w_j) − μ)``: a harder sample (larger loss) may not be
   more confident than an easier one by more than their normalised loss gap. (The code flips CRL's
   target but keeps CRL's ``+ margin/target``, which puts μ on the loose side; we keep the code's form.)
+- **The loss history**, as the code's ``History`` (text-image ``src/utils/utils.py``; MLA's QMF run the
+  same): per training sample and modality, ``ℓ_{i,m}`` = the sum of its detached per-sample unimodal CE
+  over every visit so far (zero before the first), kept in a ``[M, N_train]`` buffer indexed by
+  ``Batch.index``; the batch's losses are added *before* ranking (the code's order), and
+  ``ℓ̂ = (ℓ − min ℓ) / (max ℓ − min ℓ)`` with min and max over the **whole training set's** history
+  (samples not yet visited count with their 0, as in the code's first epoch). The history lives only
+  during training (not in ``model.pt``; in-progress checkpoints carry it, so a resumed run goes on).
 
-**Approximation (choice): the loss history.** The code keeps, per training sample (keyed by its dataset
-index), the sum of its per-sample unimodal CE over all updates so far, and normalises by the min and
-max over the whole training set. Batches here carry no sample index, so the history is this batch's
-detached per-sample unimodal CE, normalised by its min and max over the batch's samples that have m.
-That equals the code's first epoch (the text-image and MLA code update the history before ranking, so a
-sample's cumulative loss after one visit is its current loss), but not its smoothing across epochs.
-Pairs where either sample lacks m contribute nothing (choice). The core change that would make it
-exact — a ``Batch.index`` of training-split rows and a ``[N_train]`` buffer per modality — is
-described in the issue-14a report.
+**What changed (issue 22).** Until then batches carried no sample index, and the history was each
+batch's own per-sample CE, min–max normalised over the batch. That is not the code's first epoch (an
+earlier version of this docstring said so): the code normalises by the whole training set's maximum
+(and its minimum, 0 while samples are unvisited), and from the second epoch on ranks by cumulative
+losses. Now it is the code's history. A sample's absent modality adds nothing to its history and
+pairs where either sample lacks m contribute nothing (choice); such samples keep 0 in m's history and
+so hold m's minimum at 0 (the code has complete data).
 
 **Missing modalities (choice).** A sample's absent modality gets weight 0 in the fusion (no vote, as in
 ``late``), no unimodal CE and no ranking term. So ``v({m}) = w_m f_m``: the modality's own classifier
@@ -73,7 +78,18 @@ class QMF(Late):
                         FIELD_PROTOCOL.batch_size,
                         "as the MLA/CCAT/EDM baselines: MLA official main.py --modulation QMF (SGD momentum 0.9, "
                         "lr 1e-3, wd 1e-4, StepLR 70 × 0.1, batch 64); QMF's own code uses Adam (see docstring)")
-    stackable = True
+    stackable = True  # the history is updated in place inside the loss, per run when stacked:
+    trained_buffers = ("history",)
+
+    def __init__(self, spec, cfg, opts):
+        super().__init__(spec, cfg, opts)
+        self.register_buffer("history", torch.zeros(len(self.modalities), 0), persistent=False)
+
+    def attach(self, train, val):
+        """Size the per-sample history to the training split (a restored run keeps the one it has)."""
+        super().attach(train, val)
+        if self.history.shape[1] != len(train):
+            self.history = torch.zeros(len(self.modalities), len(train), device=train.y.device)
 
     def confidence(self, logits: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
         """``w_m = s · T · logsumexp(f_m / T)`` (= s · (−E_m)) per sample, ``[M, B]``; 0 where m is absent."""
@@ -90,20 +106,22 @@ class QMF(Late):
         logits = self.unimodal_logits(batch)
         return self.fuse(logits, self.confidence(logits, batch.present))
 
-    def rank_loss(self, conf: torch.Tensor, loss: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """The code's ranking term for one modality, each sample paired with the next one (cyclic),
-        the loss history approximated by this batch's per-sample losses (see the module docstring)."""
-        loss = loss.detach()
-        lo = loss.masked_fill(~present, float("inf")).amin()
-        hi = loss.masked_fill(~present, float("-inf")).amax()
-        gap = loss - loss.roll(-1)
+    def rank_loss(self, conf: torch.Tensor, index: torch.Tensor, present: torch.Tensor,
+                  history: torch.Tensor) -> torch.Tensor:
+        """The code's ranking term for one modality, each sample paired with the next one (cyclic):
+        ``history`` is the modality's ``[N_train]`` cumulative losses, ``index`` the batch's rows in it."""
+        own = history[index]
+        gap = own - own.roll(-1)
         target = torch.sign(gap)
-        margin = gap.abs() / (hi - lo).clamp_min(1e-12)
+        margin = gap.abs() / (history.amax() - history.amin()).clamp_min(1e-12)
         pair = torch.relu(target * (conf - conf.roll(-1)) - margin)
         valid = (present & present.roll(-1)).to(pair.dtype)
         return (pair * valid).sum() / valid.sum().clamp_min(1)
 
     def loss(self, batch):
+        if batch.index is None:
+            raise ValueError("qmf keeps a loss history per training sample: its batches must carry Batch.index "
+                             "(cut them from the attached training split)")
         logits = self.unimodal_logits(batch)
         conf = self.confidence(logits, batch.present)
         total = nn.functional.cross_entropy(self.fuse(logits, conf), batch.y)
@@ -113,5 +131,7 @@ class QMF(Late):
             rows = batch.present[m]
             per_sample = nn.functional.cross_entropy(logits[m], batch.y, reduction="none")
             total = total + (per_sample * rows).sum() / rows.sum().clamp_min(1)
-            total = total + self.opts.rank_weight * self.rank_loss(conf[i], per_sample, rows)
+            history = self.history[i]
+            history.index_add_(0, batch.index, (per_sample.detach() * rows).to(history.dtype))  # before ranking
+            total = total + self.opts.rank_weight * self.rank_loss(conf[i], batch.index, rows, history)
         return total

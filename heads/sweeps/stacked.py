@@ -14,19 +14,17 @@ evaluates and writes its run as usual.
 What may be stacked (``can_stack``, ``stack_key``): runs that differ only in seed, lr, weight decay and
 the options their method lists in ``stack_options`` (read as tensors: edm's τ), of a method that is
 
-- ``stackable``: the inherited ``train_step`` (one loss, one optimizer step per batch) and pure tensor
-  code in ``loss``/``logits`` (concat, sum, late, film, bigated, qmf, lfm); or
+- ``stackable``: the inherited ``train_step`` (one loss, one optimizer step per batch), optimizer and
+  epoch split, and pure tensor code in ``loss``/``logits`` (concat, sum, late, film, bigated, qmf, lfm;
+  qmf's per-sample history is a ``trained_buffers`` entry, updated per run inside vmap); or
 - ``stack_chain`` (edm): a chain of steps per batch, each ``chain_loss`` followed by an optimizer step on
   the parameters it reaches (``step_parameters``). Runs are grouped by their epoch's modality order;
   only complete data (no ``--missing-train``), where every run has every modality in every batch.
 
 Everything else — mla's gradient projection, ccat's stages, ogm-ge's gradient surgery — trains one
-run at a time on the device. The result is the same function of the seed as the run alone; the
-arithmetic differs (batched kernels), so numbers agree within float tolerance, not bit for bit
-(``tests/test_stacked.py``). The optimizers are restated for stacked tensors with ``torch.optim``'s
-update rules (Adam/AdamW, SGD with momentum 0.9, dampening 0; a parameter's step count advances only
-when its step has a gradient for it): per-parameter rules act elementwise, so a stacked step is K
-independent steps.
+run at a time. The result is the same function of the seed as the run alone; the arithmetic differs
+(batched kernels), so numbers agree within float tolerance, not bit for bit (``tests/test_stacked.py``).
+The optimizers are ``torch.optim``'s update rules restated for stacked tensors (``stacked_optim.py``).
 """
 from __future__ import annotations
 
@@ -69,6 +67,8 @@ def stack_key(cfg: TrainConfig) -> str:
 def can_stack(cfg: TrainConfig) -> bool:
     """The method is stackable with the inherited one-loss-one-step update, or a chain (edm) on complete data."""
     cls = method_class(cfg.method)
+    if cls.configure_optimizer is not HeadMethod.configure_optimizer or cls.epoch_split is not HeadMethod.epoch_split:
+        return False  # its own parameter groups (rates) or rows per epoch
     if getattr(cls, "stack_chain", False):
         return cfg.missing_train == 0
     return bool(getattr(cls, "stackable", False)) and cls.train_step is HeadMethod.train_step
@@ -106,9 +106,11 @@ class StackedTrainer:
         self.params = {f"method.{n}": p.detach().clone() for n, p in params.items()}
         self.buffers = {f"method.{n}": b.clone() for n, b in buffers.items()}
         self.state: dict[str, dict] = {n: {"step": 0} for n in self.params}  # optimizer state per parameter
-        # Buffers the stacked training changes (a chain's inherited memory); the models own the rest.
+        # Buffers the stacked training changes (a chain's inherited memory, a method's ``trained_buffers``);
+        # the models own the rest, and their epoch hooks may change them (re-stacked after ``start_epoch``).
         self.trained_buffers = [n for n in ("method.memory_h", "method.memory_c") if self.chain and n in self.buffers]
-        self._load_optimizer_state()
+        self.trained_buffers += [f"method.{n}" for n in getattr(first.model, "trained_buffers", ())]
+        load_optimizer_state(self.trainers, self.state, self.device)  # a resumed run's moments go on
         # One data copy when every run reads the same (standardised) splits, else one per run.
         self.shared = len({id(t.train) for t in trainers}) == 1 and len({id(t.val) for t in trainers}) == 1
         self.train = [t.ready["train"] for t in trainers]
@@ -122,14 +124,6 @@ class StackedTrainer:
         wd = [t.cfg.weight_decay for t in self.trainers]
         return torch.tensor(lr, device=self.device), torch.tensor(wd, device=self.device)
 
-    def _load_optimizer_state(self) -> None:
-        """Continue the trainers' own optimizers (a run resumed from a checkpoint has moments)."""
-        load_optimizer_state(self.trainers, self.state, self.device)
-
-    def _step(self, params: dict, state: dict, grads: dict, lr: torch.Tensor, wd: torch.Tensor, prefixes=None) -> None:
-        """One optimizer step of every stacked run, on the parameters named by ``prefixes`` (all if None)."""
-        stacked_step(self.cfg.optimizer, params, state, grads, lr, wd, prefixes)
-
     # --- batches of every run ----------------------------------------------------------------------
     def _gather(self, splits, index: torch.Tensor, runs: list[int]) -> dict:
         """``[G, B, …]`` inputs: run k's rows ``index[i]`` of its split, for the runs ``runs``."""
@@ -142,6 +136,9 @@ class StackedTrainer:
                 else:
                     out[kind][m] = torch.stack([getattr(splits[k], kind)[m][index[i]] for i, k in enumerate(runs)])
         out["y"] = splits[0].y[index] if self.shared else torch.stack([splits[k].y[index[i]] for i, k in enumerate(runs)])
+        # Batch.index: each run's rows of its split (the splits trained stacked are splits of their own).
+        out["index"] = index if all(splits[k].index is None for k in runs) else \
+            torch.stack([splits[k].source_rows()[index[i]] for i, k in enumerate(runs)])
         return out
 
     @staticmethod
@@ -153,6 +150,11 @@ class StackedTrainer:
             values = [c[m] for c in per_run]
             out[m] = n if all(v == n for v in values) else 0 if all(v == 0 for v in values) else 1
         return out
+
+    def _restack_buffers(self) -> None:
+        """The models' buffers into the stack after ``start_epoch``, which may change them (pmr's prototypes)."""
+        own = [dict(t.model.named_buffers()) for t in self.trainers]
+        self.buffers = {n: torch.stack([b[n.removeprefix("method.")] for b in own]) for n in self.buffers}
 
     def _hook(self, k: int, name: str, *args):
         """A method's per-epoch hook on run k's own model, with run k's own RNG stream (edm's random order)."""
@@ -179,6 +181,7 @@ class StackedTrainer:
         for epoch in range(first.epoch + 1, min(until, self.cfg.epochs) + 1):
             for k in range(self.k):
                 self._hook(k, "start_epoch", epoch)
+            self._restack_buffers()
             self.template.epoch = epoch  # what a loss reads of the epoch (lfm's α_t); the hooks ran on the models
             lr, wd = self._rates(epoch)
             host = torch.stack([torch.randperm(n, generator=t.shuffle) for t in self.trainers])  # each run's shuffle
@@ -216,17 +219,17 @@ class StackedTrainer:
             yield self._gather(self.train, rows, runs), counts, rows.shape[1]
 
     def _plain_epoch(self, index, host, lr, wd, total) -> None:
-        def loss_of(params, buffers, x, tokens, present, y, counts):
-            return functional_call(self.call, (params, buffers), ("loss", Batch(x, tokens, present, y, counts)))
+        def loss_of(params, buffers, x, tokens, present, y, rows, counts):
+            return functional_call(self.call, (params, buffers), ("loss", Batch(x, tokens, present, y, counts, rows)))
 
-        step = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, 0, 0, None))
+        step = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, 0, 0, 0, None))
         runs = list(range(self.k))
         for inputs, counts, size in self._batches(index, host, runs):
             with autocast(self.device, self.trainers[0].precision):
                 grads, loss = step(self.params, self.buffers, inputs["x"], inputs["tokens"], inputs["present"],
-                                   inputs["y"], counts)
+                                   inputs["y"], inputs["index"], counts)
             with torch.no_grad():
-                self._step(self.params, self.state, grads, lr, wd)
+                stacked_step(self.cfg.optimizer, self.params, self.state, grads, lr, wd)
             total += loss.detach() * size
 
     def _chain_epoch(self, runs: list[int], index, host, lr, wd, total, steps: dict[str, int]) -> None:
@@ -246,7 +249,7 @@ class StackedTrainer:
         beta = torch.tensor([self.trainers[k].model.opts.inherit_momentum for k in runs], device=self.device)[:, None]
         sub_lr, sub_wd = lr[pick], wd[pick]
         for inputs, counts, size in self._batches(index, host, runs):
-            batch_args = (inputs["x"], inputs["tokens"], inputs["present"], inputs["y"])
+            batch_args = (inputs["x"], inputs["tokens"], inputs["present"], inputs["y"], inputs["index"])
             g = len(runs)
             h_prev = torch.zeros(g, size, self.cfg.hidden, device=self.device)
             mask = torch.zeros(g, size, dtype=torch.bool, device=self.device)
@@ -257,9 +260,9 @@ class StackedTrainer:
                 if counts[m] == 0:
                     continue
 
-                def chain_of(params, buffers, x, tokens, present, y, h_prev, mask, state_h, state_c, m=m,
+                def chain_of(params, buffers, x, tokens, present, y, rows, h_prev, mask, state_h, state_c, m=m,
                              some=some, full=full):
-                    batch = Batch(x, tokens, present, y, counts)
+                    batch = Batch(x, tokens, present, y, counts, rows)
                     loss, seen, started, new_h, new_c = functional_call(
                         self.call, (params, buffers), ("chain_loss", m, batch, h_prev, Started(mask, some, full),
                                                        state_h, state_c))
@@ -270,7 +273,8 @@ class StackedTrainer:
                     grads, (loss, (seen, mask, new_h, new_c)) = step(params, buffers, *batch_args, h_prev, mask,
                                                                      state_h, state_c)
                 with torch.no_grad():
-                    self._step(params, state, grads, sub_lr, sub_wd, self.template.step_parameters(m, opts.align and some))
+                    stacked_step(self.cfg.optimizer, params, state, grads, sub_lr, sub_wd,
+                                 self.template.step_parameters(m, opts.align and some))
                 loss_sum += loss.detach()
                 h_prev, state_h, state_c = seen.detach(), new_h.detach(), new_c.detach()
                 some, full = some or counts[m] > 0, full or counts[m] == size
@@ -305,8 +309,8 @@ class StackedTrainer:
             self._write_back()
             return [t._epoch_report() for t in self.trainers]
 
-        def logits_of(params, buffers, x, tokens, present, y, counts):
-            return functional_call(self.call, (params, buffers), ("logits", Batch(x, tokens, present, y, counts)))
+        def logits_of(params, buffers, x, tokens, present, y, rows, counts):
+            return functional_call(self.call, (params, buffers), ("logits", Batch(x, tokens, present, y, counts, rows)))
 
         n = len(self.val[0])
         size = self.trainers[0].eval_batch_size if not getattr(self.template, "batch_independent", True) \
@@ -327,11 +331,11 @@ class StackedTrainer:
                     inputs = self._gather(self.val, rows, runs)
                     counts = self._counts([self.val[k]._counts(rows_host[i], rows_host.shape[1])
                                            for i, k in enumerate(runs)], rows_host.shape[1])
-                    whole = Batch(inputs["x"], inputs["tokens"], inputs["present"], inputs["y"], counts)
+                    whole = Batch(inputs["x"], inputs["tokens"], inputs["present"], inputs["y"], counts, inputs["index"])
                     for subset in wanted:
                         part = whole.only(subset)
-                        logits = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, None))(
-                            params, buffers, part.x, part.tokens, part.present, part.y, part.counts)
+                        logits = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
+                            params, buffers, part.x, part.tokens, part.present, part.y, part.index, part.counts)
                         preds[subset][pick[:, None], rows] = logits.argmax(-1)
                         if subset == full:
                             loss[pick] += nn.functional.cross_entropy(

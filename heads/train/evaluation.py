@@ -103,7 +103,8 @@ def _stack_subsets(batch, subsets: list[frozenset]):
                      else batch.tokens[m].repeat(k, 1, 1) * rows[:, None, None].to(batch.tokens[m].dtype))
         present[m] = batch.present[m].repeat(k) & rows
         counts[m] = batch._counts()[m] * sum(m in s for s in subsets)
-    return Batch(x, tokens, present, batch.y.repeat(k), counts)
+    index = None if batch.index is None else batch.index.repeat(k)
+    return Batch(x, tokens, present, batch.y.repeat(k), counts, index)
 
 
 def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_size: int, prepared: bool = False,

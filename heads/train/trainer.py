@@ -99,6 +99,7 @@ class Trainer:
         device once (``train``/``val``/``test`` stay the raw host splits, for reports on masks)."""
         std = self.model.standardizer  # already on the device: the map runs there, on the moved split
         self.ready = {name: prepared(getattr(self, name), std, self.device) for name in ("train", "val", "test")}
+        self.model.attach(train=self.ready["train"], val=self.ready["val"])  # H1: never test
 
     # A checkpoint is the trainer without its data (rebuilt from the cache), its device-side splits
     # and its generator (saved as a state): tensors are saved on the host and re-homed on load.
@@ -132,10 +133,11 @@ class Trainer:
         torch.set_rng_state(self.rng_state)
         if self.cuda_rng_state is not None:
             torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
-        model, train = self.model, self.ready["train"]
+        model = self.model
         for epoch in range(self.epoch + 1, min(until, self.cfg.epochs) + 1):
             model.train()
             model.start_epoch(epoch)  # may rebuild the optimizer (ccat's stage switch): set the rate after it
+            train = model.epoch_split(epoch, self.ready["train"])  # H2: the rows of this epoch
             set_lr(model.optimizer, scheduled_lr(self.cfg.lr, self.cfg.schedule, epoch, self.cfg.epochs))
             total = torch.zeros((), device=self.device)  # summed on the device, read once per epoch
             tick = time.perf_counter()
