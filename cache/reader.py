@@ -86,10 +86,12 @@ def load_splits(path: str | Path, splits=SPLITS, modalities: list[str] | None = 
         out[split] = ([ids[i] for i in order], np.zeros(n, np.int64),
                       {m: np.empty((n, *shapes[m]), dtype) for m in mods}, {m: np.zeros(n, bool) for m in mods})
         plans.append((split, rows["shard"].to_numpy(), rows["row"].to_numpy(), dest))
-    for shard_name in sorted({s for _, shards, _, _ in plans for s in shards.tolist()}):
+    names = np.array(sorted({s for _, shards, _, _ in plans for s in set(shards.tolist())}), dtype=object)
+    plans = [(split, np.searchsorted(names, shards), rows, dest) for split, shards, rows, dest in plans]  # shard codes
+    for code, shard_name in enumerate(names):
         wanted = []  # (split, rows in the shard, their positions in the split), rows ascending
         for split, shards, rows, dest in plans:
-            here = shards == shard_name
+            here = shards == code
             by_row = np.argsort(rows[here], kind="stable")
             wanted.append((split, rows[here][by_row], dest[here][by_row]))
         try:
@@ -139,4 +141,15 @@ def cache_info(path: str | Path) -> dict:
     coverage = {m: float(manifest[f"present_{m}"].mean() or 0.0) for m in meta["modalities"]}
     failed = path / "failed.parquet"
     n_failed = pl.read_parquet(failed).height if failed.exists() else 0
-    return {**meta, "counts": counts, "present_rate": coverage, "failed": n_failed, "path": str(path)}
+    return {**meta, "counts": counts, "present_rate": coverage, "failed": n_failed, "path": str(path),
+            "memory": memory_needed(meta, sum(counts.values()))}
+
+
+def memory_needed(meta: dict, n: int) -> dict[str, int]:
+    """Bytes the features of ``n`` samples take in memory while heads train, per ``--feature-dtype``:
+    ``fp16`` holds the cache's float16 values once (plus float32 token means for T > 1); ``fp32`` holds
+    them as float32 and a standardised float32 copy (the earlier path)."""
+    mods = meta["modalities"].values()
+    stored = sum(n * m["tokens"] * m["dim"] * 2 for m in mods)
+    pooled = sum(n * m["dim"] * 4 for m in mods if m["tokens"] > 1)
+    return {"fp16": stored + pooled, "fp32": 4 * stored + 2 * pooled}
