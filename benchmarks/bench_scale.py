@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.stdout.reconfigure(line_buffering=True)  # each figure is kept even if a later step is stopped
 sys.path.insert(0, str(ROOT))
 
 from cache import cache_info, load_meta  # noqa: E402

@@ -391,36 +391,3 @@ def test_cache_error_on_a_foreign_cache(data, weights, tmp_path):
     with pytest.raises(CacheError, match="meta.json is unreadable"):
         run_extraction(get_dataset("folder", data), backbone, "resnet18", tmp_path / "c", workers=0, progress=False)
 
-
-@pytest.mark.trains  # two Python processes that each import torch and accelerate: not in the fast subset
-def test_two_machines_with_accelerate_launch_write_one_cache(data, weights, tmp_path):
-    """docs/extraction.md "Several machines": two `accelerate launch` commands, one per machine
-    (here both on this host: --num_machines 2, one process each), writing one cache folder. The global
-    rank decides the samples (r, r + 2, …) and the shard names; machine 0 builds the one manifest."""
-    import socket
-
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["extract", "folder", "--backbone", "resnet18", "--weights", str(weights["resnet"]), "--data-root",
-            str(data), "--out", str(tmp_path), "--config", json.dumps(TINY_RESNET), "--workers", "0",
-            "--shard-size", "3", "--quiet"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "2",
-                               "--machine_rank", str(r), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-                               "--main_process_port", str(port), str(ROOT / "cli.py"), *args],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    cache = tmp_path / "folder" / "resnet18"
-    by_rank = {}
-    for shard in cache.glob("shard-*.h5"):
-        with h5py.File(shard, "r") as f:
-            by_rank.setdefault(shard.name.split("-")[1], set()).update(s.decode() for s in f["ids"][:])
-    listing = [r.sample_id for r in get_dataset("folder", data).listing().samples]
-    good = set(all_ids(cache))
-    assert set(by_rank) == {"00", "01"} and verify(cache) == []
-    for r, name in enumerate(("00", "01")):  # rank r holds exactly its listing positions r, r + 2, … that decoded
-        assert by_rank[name] == set(listing[r::2]) & good
-    assert len(good) == 15 and set(failed(cache)) == {("bad_trunc", "image"), ("bad_missing", "image")}
