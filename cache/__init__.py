@@ -5,7 +5,7 @@ float16 HDF5 shards with content checksums. Both stages import only from here; s
 the layout, ``writer.py`` and ``reader.py`` for writing and reading it, ``checksum.py`` and
 ``verify.py`` for what ``cache verify`` checks.
 """
-from cache.reader import FeatureSplit, cache_info, load_split
+from cache.reader import FeatureSplit, cache_info, load_split, load_splits
 from cache.store import SCHEMA_VERSION, CacheError, build_manifest, code_version, load_meta
 from cache.verify import Report, check, verify
 from cache.writer import CacheWriter, write_arrays
@@ -20,6 +20,7 @@ __all__ = [
     "code_version",
     "load_meta",
     "load_split",
+    "load_splits",
     "check",
     "Report",
     "verify",

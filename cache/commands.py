@@ -51,6 +51,9 @@ def register(app: typer.Typer, guard) -> None:
             typer.echo(f"modality    {m:10s} [T={spec['tokens']}, D={spec['dim']}]  present {info['present_rate'][m]:.1%}")
         typer.echo(f"classes     {len(info['class_names'])}: {', '.join(info['class_names'][:12])}{' …' if len(info['class_names']) > 12 else ''}")
         typer.echo("samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
+        mem = info["memory"]
+        typer.echo(f"memory      {mem['fp16'] / 1e6:,.0f} MB with --feature-dtype fp16 (the default), "
+                   f"{mem['fp32'] / 1e6:,.0f} MB with fp32 (features of all splits while heads train)")
         typer.echo(f"split rule  {info.get('split_rule') or '-'}")
         typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
         if info["counts"].get("train"):

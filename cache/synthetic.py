@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from cache.writer import write_arrays
 
 # Where the CLI keeps the built-in caches: beside the code, so that a preset name means the same
 # cache whatever the current folder.
+ROWS = 8192  # samples generated at a time by make-synthetic (bounded memory at any --scale)
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "data" / "builtin"
 
 
@@ -126,34 +128,64 @@ def make_synthetic(
     n = n_tv + n_test
     weights = np.asarray(spec.class_weights or [1.0] * len(spec.classes), float)
     labels = rng.choice(len(spec.classes), size=n, p=weights / weights.sum())
-    features = {}
-    for m, ms in mods.items():
-        prototypes = rng.standard_normal((len(spec.classes), spec.latent))
-        prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True) / np.sqrt(spec.latent)
-        shown = labels.copy()
-        confused = rng.random(n) < ms.confusion
-        shown[confused] = rng.integers(0, len(spec.classes), confused.sum())
-        sign = rng.choice([-1.0, 1.0], size=(n, 1)) if ms.symmetric else 1.0
-        z = sign * ms.strength * prototypes[shown] + rng.standard_normal((n, spec.latent)) * np.sqrt(spec.latent) / 4
-        lift = rng.standard_normal((spec.latent, ms.dim)) / np.sqrt(spec.latent)
-        x = np.tanh(z @ lift / 2) + spec.feature_noise * rng.standard_normal((n, ms.dim))
-        if ms.tokens > 1:
-            x = x[:, None, :] + 0.1 * rng.standard_normal((n, ms.tokens, ms.dim))
-        features[m] = x.astype(np.float32)
+    with TemporaryDirectory(prefix="synthetic-", dir=Path(out).parent if Path(out).parent.exists() else None) as scratch:
+        features = {m: _modality(rng, spec, ms, labels, n, Path(scratch) / m) for m, ms in mods.items()}
+        splits = _splits(rng, spec, labels, n_tv, n_test)
+        rule = (f"synthetic preset {preset!r}, seed {seed}: first {n_tv} samples train+val "
+                f"({spec.val_fraction:.0%} stratified val), last {n_test} test")
+        return write_folder(out, overwrite, lambda tmp: write_arrays(
+            tmp, dataset=f"synthetic-{preset}", backbone="synthetic", features=features, labels=labels,
+            splits=list(splits), class_names=list(spec.classes), split_rule=rule,
+            extra_meta={"synthetic": {"preset": preset, "seed": seed, "scale": scale,
+                                      "modalities": {m: asdict(s) for m, s in mods.items()}}},
+        ))
+
+
+def _modality(rng, spec: SyntheticSpec, ms: ModalitySpec, labels: np.ndarray, n: int, scratch: Path) -> np.ndarray:
+    """One modality's features, generated ``ROWS`` samples at a time into a float16 memory map on disk.
+
+    Why a memory map: at ``--scale 32`` the float64 noise of one modality alone is 2.4 GB, and the
+    whole-array version peaked at 6.75 GB. The random stream is consumed in exactly the order of that
+    version (draws of ``standard_normal`` in consecutive row blocks give the same values as one draw),
+    and each block goes float64 → float32 → float16 as before, so the cache holds the same bytes;
+    only the memory is bounded (a block, plus pages the kernel can drop). Token features (T > 1) add
+    noise drawn after the whole modality's, so their base is kept in a float64 map until then.
+    """
+    prototypes = rng.standard_normal((len(spec.classes), spec.latent))
+    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True) / np.sqrt(spec.latent)
+    shown = labels.copy()
+    confused = rng.random(n) < ms.confusion
+    shown[confused] = rng.integers(0, len(spec.classes), confused.sum())
+    sign = rng.choice([-1.0, 1.0], size=(n, 1)) if ms.symmetric else 1.0
+    z = sign * ms.strength * prototypes[shown] + rng.standard_normal((n, spec.latent)) * np.sqrt(spec.latent) / 4
+    lift = rng.standard_normal((spec.latent, ms.dim)) / np.sqrt(spec.latent)
+    out = np.lib.format.open_memmap(scratch.with_suffix(".f16.npy"), "w+", np.float16, (n, ms.tokens, ms.dim))
+    base = out if ms.tokens == 1 else np.lib.format.open_memmap(scratch.with_suffix(".f64.npy"), "w+", np.float64,
+                                                                   (n, ms.dim))
+    for start in range(0, n, ROWS):
+        rows = slice(start, min(start + ROWS, n))
+        x = np.tanh(z[rows] @ lift / 2) + spec.feature_noise * rng.standard_normal((rows.stop - start, ms.dim))
+        if ms.tokens == 1:
+            out[rows, 0] = x.astype(np.float32)
+        else:
+            base[rows] = x
+    if ms.tokens > 1:
+        for start in range(0, n, ROWS):
+            rows = slice(start, min(start + ROWS, n))
+            noise = rng.standard_normal((rows.stop - start, ms.tokens, ms.dim))
+            out[rows] = (base[rows][:, None, :] + 0.1 * noise).astype(np.float32)
+    return out
+
+
+def _splits(rng, spec: SyntheticSpec, labels: np.ndarray, n_tv: int, n_test: int) -> np.ndarray:
+    """train / val / test per sample: a stratified validation carve-out of the first ``n_tv``."""
     splits = np.array(["train"] * n_tv + ["test"] * n_test, dtype=object)
     tv = np.arange(n_tv)
     for c in range(len(spec.classes)):  # stratified validation carve-out of the train+val part
         members = tv[labels[:n_tv] == c]
         k = int(round(len(members) * spec.val_fraction))
         splits[rng.choice(members, size=k, replace=False)] = "val"
-    rule = (f"synthetic preset {preset!r}, seed {seed}: first {n_tv} samples train+val "
-            f"({spec.val_fraction:.0%} stratified val), last {n_test} test")
-    return write_folder(out, overwrite, lambda tmp: write_arrays(
-        tmp, dataset=f"synthetic-{preset}", backbone="synthetic", features=features, labels=labels,
-        splits=list(splits), class_names=list(spec.classes), split_rule=rule,
-        extra_meta={"synthetic": {"preset": preset, "seed": seed, "scale": scale,
-                                  "modalities": {m: asdict(s) for m, s in mods.items()}}},
-    ))
+    return splits
 
 
 def builtin_cache(preset: str, root: str | Path = "data/builtin") -> Path:

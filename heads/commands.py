@@ -33,6 +33,7 @@ DEVICE = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU
 PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or auto (bf16 only on a CPU with native bf16 where a probe finds it faster; recorded in results.json).")
 SHAPLEY = typer.Option(128, "--shapley-permutations", help="With more than 8 modalities, φ is estimated from this many sampled permutations (reported with its standard error); up to 8 it is exact.")
 EPOCH_SUBSETS = typer.Option(False, "--epoch-subsets", help="Score every modality subset on validation after each epoch (φ, δ, EDM per epoch in epochs.csv); methods that read φ, like edm, always do.")
+FEATURE_DTYPE = typer.Option("fp16", "--feature-dtype", help="How features are held in memory: fp16 (the cache's own float16, half the memory; batches are float32) or fp32 (the earlier path, exactly).")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -56,7 +57,7 @@ def register(app: typer.Typer, guard) -> None:
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same --name (whole, not merged)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
     ):
         """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
 
@@ -85,7 +86,7 @@ def register(app: typer.Typer, guard) -> None:
                             shapley_permutations)
         if name is not None:
             new_run(name)  # refused before the cache loads
-        data = load_head_data(resolve_caches(cache), _split_list(modalities))
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
         run_dir = new_run(name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
         result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet))
         typer.echo((run_dir / "table.md").read_text().rstrip())
@@ -104,7 +105,7 @@ def register(app: typer.Typer, guard) -> None:
         name: str = typer.Option(None, help="Folder name under --out (default: compare-time); an existing folder of that name is resumed."),
         out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
         standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
         same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, or the options given) instead of each paper's."),
     ):
         """Train several methods over several seeds; print and write the paper-style table (mean ± std).
@@ -150,7 +151,7 @@ def register(app: typer.Typer, guard) -> None:
                                    precision=precision, epoch_subsets=epoch_subsets,
                                    shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities))
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
         summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on "
                    f"validation · features standardised: {standardize}")
         if paper is None:
@@ -180,7 +181,7 @@ def register(app: typer.Typer, guard) -> None:
         yes: bool = typer.Option(False, "--yes", help="Start a grid of more than 200 runs (without it such a grid is refused, with its size)."),
         keep_models: bool = typer.Option(False, "--keep-models", help="Keep model.pt of every run (default: only the selected config's runs keep theirs)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
         stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
     ):
         """Tune a method over seeds and select on validation; axes follow as --name values.
@@ -205,7 +206,7 @@ def register(app: typer.Typer, guard) -> None:
         base = config_from_options(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0, device=device,
                              precision=precision, epoch_subsets=epoch_subsets, shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"grid-{method}-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities))
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
         outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet,
                            yes=yes, keep_models=keep_models, stack=stack)
         sel = outcome.selection
@@ -229,7 +230,7 @@ def register(app: typer.Typer, guard) -> None:
         workers: int = WORKERS,
         name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
-        device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY,
+        device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
     ):
         """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -249,7 +250,7 @@ def register(app: typer.Typer, guard) -> None:
                              schedule=schedule, standardize=standardize, device=device, precision=precision,
                              shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"robustness-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities))
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
         run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
         typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
         typer.echo((folder / "robustness.md").read_text().rstrip())

@@ -390,3 +390,4 @@ def test_cache_error_on_a_foreign_cache(data, weights, tmp_path):
     (tmp_path / "c" / "meta.json").write_text("{not json")
     with pytest.raises(CacheError, match="meta.json is unreadable"):
         run_extraction(get_dataset("folder", data), backbone, "resnet18", tmp_path / "c", workers=0, progress=False)
+

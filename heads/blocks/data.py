@@ -1,7 +1,10 @@
 """Cached features as training tensors: splits, batches, subset views, missing-modality masks.
 
-Heads train on whole splits held in memory (a CREMA-D-size cache is ~60 MB in float32), batches are
-index slices of those tensors, so an epoch has no DataLoader and no per-sample Python work.
+Heads train on whole splits held in memory, batches are index slices of those tensors, so an epoch
+has no DataLoader and no per-sample Python work. The features are held in a *working dtype*
+(``--feature-dtype``): ``fp16`` (default), the cache's own float16, so memory is the cache's feature
+bytes and nothing is rounded; or ``fp32``, the path of earlier versions (twice the memory). Either
+way a method sees float32 batches (``heads/blocks/standardize.py``: ``LazyStandardized``).
 """
 from __future__ import annotations
 
@@ -10,8 +13,13 @@ from pathlib import Path
 
 import torch
 
-from cache import CacheError, FeatureSplit, load_meta, load_split
+from cache import CacheError, FeatureSplit, load_meta, load_splits
 from heads.blocks.order import evaluation_order
+
+
+# --feature-dtype: how features are held in memory (the cache stores float16)
+FEATURE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+POOL_ROWS = 8192  # rows pooled at a time for token features, so pooling never makes a float32 copy of all tokens
 
 
 @dataclass
@@ -95,7 +103,7 @@ class SplitTensors:
     @classmethod
     def from_feature_split(cls, split: FeatureSplit) -> "SplitTensors":
         tokens = split.features
-        x = {m: t[:, 0] if t.shape[1] == 1 else t.mean(1) for m, t in tokens.items()}
+        x = {m: t[:, 0] if t.shape[1] == 1 else _pooled(t) for m, t in tokens.items()}
         return cls(list(split.ids), x, tokens, dict(split.present), split.labels)
 
     def batch(self, index: torch.Tensor | slice, host_index: torch.Tensor | slice | None = None) -> Batch:
@@ -103,8 +111,10 @@ class SplitTensors:
         an accelerator: the batch's present counts are read from a host copy of the masks, so cutting
         a batch never waits for the device."""
         take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
-        x = {m: take(t) for m, t in self.x.items()}
-        tokens = {m: x[m].unsqueeze(1) if t.shape[1] == 1 else take(t) for m, t in self.tokens.items()}
+        # Features held in 16 bits become float32 here, per batch: what a method sees is float32 always
+        # (``.float()`` of a float32 tensor is the tensor itself, no copy).
+        x = {m: take(t).float() for m, t in self.x.items()}
+        tokens = {m: x[m].unsqueeze(1) if t.shape[1] == 1 else take(t).float() for m, t in self.tokens.items()}
         y = take(self.y)
         rows = torch.arange(*index.indices(len(self)), device=self.device) if isinstance(index, slice) else index
         return Batch(x, tokens, {m: take(p) for m, p in self.present.items()}, y,
@@ -244,6 +254,15 @@ class SplitTensors:
         return SplitTensors(self.ids, x, tokens, present, self.y, self.index)
 
 
+def _pooled(tokens: torch.Tensor) -> torch.Tensor:
+    """The token mean ``[N, D]`` in float32 whatever the working dtype, a block of rows at a time (a
+    row's mean does not depend on the block it is in: the same bits as one call on float32 tokens)."""
+    out = torch.empty(tokens.shape[0], tokens.shape[2], dtype=torch.float32)
+    for start in range(0, tokens.shape[0], POOL_ROWS):
+        out[start:start + POOL_ROWS] = tokens[start:start + POOL_ROWS].float().mean(1)
+    return out
+
+
 def _exact_masks(orig: torch.Tensor, rate: float, seed: int, balance: bool) -> torch.Tensor | None:
     """``keep`` [N, M] with exactly ``round(rate · n_m)`` removals per modality, or None if stuck.
 
@@ -316,8 +335,12 @@ def _join(parts: list[FeatureSplit], paths: list[Path]) -> FeatureSplit:
     return FeatureSplit(ids, labels, feats, present, parts[0].class_names)
 
 
-def load_head_data(paths: list[str | Path], modalities: list[str] | None = None) -> HeadData:
-    """Load train/val/test of one cache, or of several caches of one dataset joined on sample id."""
+def load_head_data(paths: list[str | Path], modalities: list[str] | None = None,
+                   feature_dtype: str = "fp16") -> HeadData:
+    """Load train/val/test of one cache, or of several caches of one dataset joined on sample id,
+    features held in ``feature_dtype`` (``FEATURE_DTYPES``)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise CacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     paths = [Path(p) for p in paths]
     metas = [load_meta(p) for p in paths]
     names = metas[0]["class_names"]
@@ -329,14 +352,14 @@ def load_head_data(paths: list[str | Path], modalities: list[str] | None = None)
         unknown = set(modalities) - set(available)
         if unknown:
             raise CacheError(f"no modality {sorted(unknown)} in the cache(s); available: {available}")
-    splits = {}
-    for s in ("train", "val", "test"):
-        parts = [
-            load_split(p, s, [m for m in meta["modalities"] if not modalities or m in modalities])
-            for p, meta in zip(paths, metas)
-            if not modalities or set(meta["modalities"]) & set(modalities)
-        ]
-        splits[s] = SplitTensors.from_feature_split(_join(parts, paths))
+    loaded = [  # each cache's three splits in one pass over its shards
+        load_splits(p, ("train", "val", "test"), [m for m in meta["modalities"] if not modalities or m in modalities],
+                    FEATURE_DTYPES[feature_dtype])
+        for p, meta in zip(paths, metas)
+        if not modalities or set(meta["modalities"]) & set(modalities)
+    ]
+    splits = {s: SplitTensors.from_feature_split(_join([part[s] for part in loaded], paths))
+              for s in ("train", "val", "test")}
     train = splits["train"]
     if len(train) == 0:
         raise CacheError(f"cache {paths[0]} has no training samples")
@@ -351,6 +374,6 @@ def load_head_data(paths: list[str | Path], modalities: list[str] | None = None)
         class_names=list(names),
         majority_class=int(torch.bincount(train.y, minlength=len(names)).argmax()),
     )
-    meta = {"caches": [str(p) for p in paths], "dataset": metas[0].get("dataset"),
+    meta = {"caches": [str(p) for p in paths], "dataset": metas[0].get("dataset"), "feature_dtype": feature_dtype,
             "backbones": [m.get("backbone") for m in metas]}
     return HeadData(spec, train, splits["val"], splits["test"], meta)

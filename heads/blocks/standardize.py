@@ -72,15 +72,21 @@ class Standardizer(nn.Module):
         if self.mode == "none":
             return self
         for m in self.modalities:
-            tokens = split.tokens[m][split.present[m]]  # [n_present, T, D]
-            values = tokens.reshape(-1, tokens.shape[-1]).double()
-            if values.shape[0] == 0:
-                continue  # no training sample has m: leave it as it is
-            if self.mode == "feature":
-                mean, std = values.mean(0), values.std(0, unbiased=False)
+            if split.tokens[m].dtype == torch.float32:  # the float32 path of earlier versions, bit for bit
+                tokens = split.tokens[m][split.present[m]]  # [n_present, T, D]
+                values = tokens.reshape(-1, tokens.shape[-1]).double()
+                if values.shape[0] == 0:
+                    continue  # no training sample has m: leave it as it is
+                if self.mode == "feature":
+                    mean, std = values.mean(0), values.std(0, unbiased=False)
+                else:
+                    mean = values.mean().expand(values.shape[1])
+                    std = values.std(unbiased=False).expand(values.shape[1])
             else:
-                mean = values.mean().expand(values.shape[1])
-                std = values.std(unbiased=False).expand(values.shape[1])
+                moments = _blocked_moments(split.tokens[m], split.present[m], self.mode == "feature")
+                if moments is None:
+                    continue
+                mean, std = moments
             inv = torch.where(std > 1e-12, 1.0 / std.clamp_min(1e-12), torch.ones_like(std))
             self.shift(m).copy_(mean.to(self.shift(m).dtype))
             self.inv_scale(m).copy_(inv.to(self.inv_scale(m).dtype))
@@ -126,6 +132,76 @@ class Standardizer(nn.Module):
             else:
                 tokens[m] = (batch.tokens[m] - self.shift(m)) * self.inv_scale(m) * keep[:, None, None]
         return Batch(x, tokens, batch.present, batch.y, batch.counts, batch.index)
+
+
+class LazyStandardized(SplitTensors):
+    """A split held in its 16-bit working dtype whose batches come out standardised, in float32.
+
+    Why not ``apply_split``: a standardised copy is a second copy of the features. Here the raw
+    (cache) values are the only copy, and each batch is gathered, made float32 and mapped by the same
+    ``Standardizer.forward`` arithmetic ``apply_split`` uses — so a method sees exactly the values
+    the float32 path gives it (float16 → float32 is exact), at the cost of the map once per batch.
+    Only ``batch`` differs from a plain split; ``materialized`` is the standardised float32 copy for
+    the code that reads whole tensors (the stacked GPU runner).
+    """
+
+    @classmethod
+    def wrap(cls, split: SplitTensors, standardizer: Standardizer) -> "LazyStandardized":
+        evaluation_order(split)  # of the raw features, as ``apply_split`` carries it
+        split._counts(slice(0, 0), 0)
+        out = cls(split.ids, split.x, split.tokens, split.present, split.y)
+        for key in ("_eval_order", "_present_host"):
+            out.__dict__[key] = split.__dict__[key]
+        out.__dict__["_standardizer"] = standardizer
+        out.__dict__["_raw"] = split
+        return out
+
+    def batch(self, index, host_index=None) -> Batch:
+        return self.__dict__["_standardizer"](super().batch(index, host_index))
+
+    def materialized(self) -> SplitTensors:
+        """The standardised float32 copy, made once (the runs that share this view share it too)."""
+        if "_full" not in self.__dict__:
+            self.__dict__["_full"] = self.__dict__["_standardizer"].apply_split(self.__dict__["_raw"])
+        return self.__dict__["_full"]
+
+
+def standardized(split: SplitTensors, standardizer: Standardizer) -> SplitTensors:
+    """``split`` as the training loop reads it: a standardised float32 copy when the split is held in
+    float32 (the earlier path, unchanged), a ``LazyStandardized`` view when it is held in 16 bits."""
+    if all(t.dtype == torch.float32 for t in split.tokens.values()):
+        return standardizer.apply_split(split)
+    return LazyStandardized.wrap(split, standardizer)
+
+
+def materialized(split: SplitTensors) -> SplitTensors:
+    """A split whose tensors are what methods see (for code that indexes them directly)."""
+    return split.materialized() if isinstance(split, LazyStandardized) else split
+
+
+def _blocked_moments(tokens: torch.Tensor, present: torch.Tensor, per_feature: bool, rows: int = 8192):
+    """Mean and population std of the present rows' values (tokens pooled), in float64, a block of rows
+    at a time: no float64 copy of the split (which at Kinetics scale would be 4× its float16 bytes).
+    Two passes (the mean, then the squared deviations from it), the textbook stable form; per feature
+    or, with ``per_feature`` False, over all values. None when no row is present. The sums run in
+    blocks, so the last bits of the float64 statistics can differ from one whole-array reduction."""
+    dim = tokens.shape[-1]
+    count = int(present.sum()) * tokens.shape[1]
+    if count == 0:
+        return None
+    def blocks():
+        for start in range(0, tokens.shape[0], rows):
+            block = tokens[start:start + rows][present[start:start + rows]]
+            yield block.reshape(-1, dim).double()
+    total = torch.zeros(dim, dtype=torch.float64)
+    for values in blocks():
+        total += values.sum(0)
+    mean = total / count if per_feature else (total.sum() / (count * dim)).expand(dim)
+    squares = torch.zeros(dim, dtype=torch.float64)
+    for values in blocks():
+        squares += (values - mean).pow(2).sum(0)
+    var = squares / count if per_feature else (squares.sum() / (count * dim)).expand(dim)
+    return mean, var.sqrt()
 
 
 class _View:

@@ -42,6 +42,7 @@ from heads.blocks.data import Batch, HeadData
 from heads.blocks.device import autocast
 from heads.blocks.optim import scheduled_lr
 from heads.blocks.order import evaluation_order
+from heads.blocks.standardize import materialized
 from heads.methods import method_class
 from heads.methods.base import HeadMethod
 from heads.methods.edm import Started
@@ -113,8 +114,8 @@ class StackedTrainer:
         load_optimizer_state(self.trainers, self.state, self.device)  # a resumed run's moments go on
         # One data copy when every run reads the same (standardised) splits, else one per run.
         self.shared = len({id(t.train) for t in trainers}) == 1 and len({id(t.val) for t in trainers}) == 1
-        self.train = [t.ready["train"] for t in trainers]
-        self.val = [t.ready["val"] for t in trainers]
+        self.train = [materialized(t.ready["train"]) for t in trainers]  # gathered as whole tensors
+        self.val = [materialized(t.ready["val"]) for t in trainers]
         for t in trainers:
             t.stacked_with = self.k
 

@@ -15,6 +15,7 @@ import torch
 from heads.blocks.data import HeadData
 from heads.blocks.device import autocast, resolve_device, resolve_precision
 from heads.blocks.optim import scheduled_lr, set_lr
+from heads.blocks.standardize import standardized
 from heads.train.config import TrainConfig, build_model, resolve_training
 from heads.train.evaluation import Report, evaluate
 from heads.train.rundir import FitResult, write_run
@@ -33,13 +34,13 @@ def prepared(split, standardizer, device: torch.device):
     ``--missing-train``, a stack of 30 configs) share one copy instead of holding one each. Kept on
     the raw split, so it lives as long as the data does; the copies are never written to."""
     if any(b.device.type == "meta" for b in standardizer.buffers()):  # no values to tell statistics apart
-        return standardizer.apply_split(split.to(device))
+        return standardized(split.to(device), standardizer)
     stats = torch.cat([b.detach().flatten().double().cpu() for b in standardizer.buffers()]) if standardizer.active \
         else torch.zeros(0, dtype=torch.float64)
     key = (str(device), standardizer.mode, stats.numpy().tobytes())
     cache = split.__dict__.setdefault("_prepared", {})
     if key not in cache:
-        cache[key] = standardizer.apply_split(split.to(device))
+        cache[key] = standardized(split.to(device), standardizer)
     return cache[key]
 
 
