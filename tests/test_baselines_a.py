@@ -78,6 +78,30 @@ def film_by_hand(model, h_cond, h_mod, m):
     return gamma * h_mod + beta
 
 
+@pytest.mark.parametrize("scores, mean_k, sum_k", [
+    # ρ (mean) = (0.5, 2, 0.86): v modulated. ρ (sum) = (0.25, 1, 0.43): nobody above 1, so MLA's
+    # fallback modulates the first modality with 1 − tanh(α · 0.25).
+    ((0.2, 0.5, 0.3), (1, 1 - math.tanh(0.8 * 2), 1), (1 - math.tanh(0.8 * 0.25), 1, 1)),
+    # ρ_v = 0.6 / 0.2 = 3 (mean) or 0.6 / 0.4 = 1.5 (sum): v modulated under both, by different k.
+    ((0.1, 0.6, 0.3), (1, 1 - math.tanh(0.8 * 3), 1), (1, 1 - math.tanh(0.8 * 1.5), 1)),
+])
+def test_ogm_ge_ratio_mean_or_sum_of_the_other_scores_for_three_modalities(scores, mean_k, sum_k, monkeypatch):
+    """``--ratio mean`` (default, choice): ρ_m = s_m / mean of the others; ``--ratio sum`` (MLA's code):
+    ρ_m = s_m / Σ others, and when no ρ exceeds 1 the first modality (MLA's audio) is modulated anyway."""
+    for rule, want in (("mean", mean_k), ("sum", sum_k)):
+        model = build("ogm-ge", SPEC3, **({} if rule == "mean" else {"ratio": rule}))
+        assert model.opts.ratio == rule
+        monkeypatch.setattr(model, "score_tensor", lambda batch: torch.tensor(scores))
+        assert model.coefficient_tensor(None).tolist() == pytest.approx(list(want), rel=1e-5, abs=1e-6), rule
+
+
+def test_ogm_ge_ratio_sum_is_the_paper_rule_for_two_modalities(monkeypatch):
+    for rule in ("mean", "sum"):
+        model = build("ogm-ge", ratio=rule)
+        monkeypatch.setattr(model, "score_tensor", lambda batch: torch.tensor([0.2, 0.5]))
+        assert model.coefficient_tensor(None).tolist() == pytest.approx([1, 1 - math.tanh(0.8 * 2.5)], rel=1e-6)
+
+
 def test_film_first_modality_conditions_the_other_and_missing_ones_follow_the_network():
     """``γ, β = split(W_f h_a + b_f)`` (γ first), ``logits = W_o(γ ⊙ h_v + β) + b_o`` (audio conditions
     visual, as the official x_film=True). Visual alone: γ = b_γ, β = b_β. Audio alone: W_o β(h_a) + b_o."""

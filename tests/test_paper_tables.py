@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import cli
 from cache.importer import import_npz
 from heads.reports import papers
+from heads.sweeps.specs import parse_method_spec
 from heads.methods import METHODS
 from heads.reports.tables import paper_results_table
 from tests.conftest import ROOT
@@ -162,10 +163,10 @@ def test_ccat_table_numbers_are_the_papers():
 def test_paper_mla_selects_exactly_its_implemented_methods():
     table = papers.load_tables()["mla"]
     rows = papers.plan(table, METHODS, [])
-    assert [r.spec for r in rows if r.spec] == [row["ours"] for row in table["rows"] if row["ours"] in METHODS]
+    assert [r.spec.split("[")[0] for r in rows if r.spec] == [row["ours"] for row in table["rows"] if row["ours"] in METHODS]
     assert {r.row["ours"] for r in rows if r.status == papers.NOT_REGISTERED} == set(MAPPING["mla"].values()) - set(METHODS)
     everything = set(MAPPING["mla"].values())
-    assert [r.spec for r in papers.plan(table, everything, [])] == list(MAPPING["mla"].values())
+    assert [r.spec.split("[")[0] for r in papers.plan(table, everything, [])] == list(MAPPING["mla"].values())
     unknown = copy.deepcopy(table)
     unknown["rows"].append({"row": "AGM", "ours": None, "table": "Table 1", "values": {}})
     rows = papers.plan(unknown, everything, [])
@@ -181,6 +182,26 @@ def test_ccat_runs_with_the_options_of_the_matched_dataset():
     assert [c["id"] for c in ks] == ["ks"]
     assert [r.spec for r in papers.plan(table, {"ccat"}, ks) if r.spec] == ["ccat[rank=2;beta=0.3]"]
     assert [r.spec for r in papers.plan(table, {"ccat"}, []) if r.spec] == ["ccat"]
+
+
+def test_paper_rows_run_with_their_sources_ogm_alpha_and_ratio_and_the_official_roles():
+    """MLA's code produced MLA Table 1's OGM-GE row: α 0.3 and the ratio over the sum of the other scores
+    (the EDM table's row follows it, choice); CCAT's keeps the method's defaults. FiLM and BiGated run
+    with the official code's role (audio conditions and gates), text where the cache has no audio, the
+    method's default where it has neither."""
+    tables = papers.load_tables()
+    for name in ("mla", "edm"):
+        (spec,) = [r.spec for r in papers.plan(tables[name], METHODS, [], ["visual", "audio"]) if r.row["ours"] == "ogm-ge"]
+        assert spec == "ogm-ge[alpha=0.3;ratio=sum]"
+        assert parse_method_spec(spec) == ("ogm-ge", {"alpha": 0.3, "ratio": "sum"})
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["ccat"], METHODS, [], ["visual", "audio"]) if r.spec}
+    assert (specs["ogm-ge"], specs["film"], specs["bigated"]) == ("ogm-ge", "film[condition=audio]", "bigated[gate=audio]")
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["mla"], METHODS, [], ["image", "text"]) if r.spec}
+    assert (specs["film"], specs["bigated"]) == ("film[condition=text]", "bigated[gate=text]")
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["mla"], METHODS, [], ["a", "b"]) if r.spec}
+    assert (specs["film"], specs["bigated"]) == ("film", "bigated")
+    ks = papers.match_columns(tables["ccat"], "ks", ["resnet18"])
+    assert papers.row_options({"run_options": {"x": 1}, "options": {"ks": {"x": 2, "y": 3}}}, ks) == {"x": 2, "y": 3}
 
 
 def test_columns_match_the_caches_dataset_and_backbone():
@@ -218,7 +239,9 @@ def test_compare_paper_prints_the_papers_number_beside_ours(tmp_path):
     assert "| 79.70 ± 0.87 |" in mla
     runs = (tmp_path / "c" / "results.csv").read_text().splitlines()[1:]
     implemented = [o for o in MAPPING["mla"].values() if o in METHODS]
-    assert sorted(line.split(",")[0] for line in runs) == sorted(implemented)
+    assert sorted(line.split(",")[0].split("[")[0] for line in runs) == sorted(implemented)
+    assert {line.split(",")[0] for line in runs} >= {"ogm-ge[alpha=0.3;ratio=sum]", "film[condition=audio]", "bigated[gate=audio]"}
+    assert "· condition audio |" in next(line for line in lines if line.startswith("| film[condition=audio] |"))
     pending = [o for o in MAPPING["mla"].values() if o not in METHODS]
     notes = [line for line in lines if line.startswith("note: not registered yet")]
     assert len(notes) == (1 if pending else 0) and all(o in notes[0] for o in pending)

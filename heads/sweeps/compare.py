@@ -59,7 +59,7 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
     number for the cache's dataset beside ours. ``echo`` shows the plan before training starts; the
     report (returned) is also written to ``out/paper.md``."""
     columns = papers.match_columns(printed, data.meta["dataset"], data.meta["backbones"])
-    rows = papers.plan(printed, METHODS, columns)
+    rows = papers.plan(printed, METHODS, columns, data.spec.modalities)
     head = papers.plan_lines(paper, printed, rows)
     echo(head)
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
