@@ -1,5 +1,6 @@
 """The papers' tables as data (heads/reports/paper_tables.json) and `compare --paper`."""
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -251,12 +252,25 @@ def test_compare_paper_prints_the_papers_number_beside_ours(tmp_path):
 
 
 def test_compare_paper_on_a_synthetic_cache_says_it_is_another_dataset(tmp_path):
-    result = _compare(_tiny_cache(tmp_path, "synthetic-av"), tmp_path, "--paper", "ccat")
+    """Also: CCAT's row runs the r and β that the paper's staged grid selects on validation here (its
+    printed β does not transfer), and the output says which and how many samples the secondary update
+    touched. Two epochs: one of pretraining (30% rounded, at least 1), one of stage 2."""
+    result = _compare(_tiny_cache(tmp_path, "synthetic-av"), tmp_path, "--paper", "ccat", "--epochs", "2")
     assert result.exit_code == 0, result.output
     head = next(line for line in result.output.splitlines() if line.startswith("| method |"))
     assert "paper acc" not in head
     assert "no paper column: this cache's dataset 'synthetic-av' is none of Table 1's" in result.output
-    assert "| CCAT (Ours) | ccat | 85.89 | 79.29 | 80.73 |" in result.output
+    grid = json.loads((tmp_path / "c" / "grid-ccat" / "grid.json").read_text())
+    assert grid["protocol"] == "ccat" and grid["axes"] == {}
+    stage1 = [r for r in grid["summary"] if r["stage"] == 1]
+    stage2 = [r for r in grid["summary"] if r["stage"] == 2]
+    assert sorted(r["values"]["rank"] for r in stage1) == [1, 2, 4, 8, 16] and len(stage2) == 8
+    rank, beta = grid["selected"]["values"]["rank"], grid["selected"]["values"]["beta"]
+    spec = f"ccat[rank={rank};beta={beta}]"
+    assert f"| CCAT (Ours) | {spec} | 85.89 | 79.29 | 80.73 |" in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("ccat: selected on validation"))
+    assert f"r = {rank}, β = {beta:g}" in line and re.search(r"audio \d+\.\d%, visual \d+\.\d% of the training samples", line)
+    assert line in (tmp_path / "c" / "paper.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
