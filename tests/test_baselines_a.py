@@ -71,6 +71,29 @@ def test_ogm_projection_gradient_is_exactly_k_times_the_plain_gradient_inside_th
             torch.testing.assert_close(before[m] - model.proj[m].linear.weight.detach(), want)
 
 
+@pytest.mark.parametrize("noise_std", ["unscaled", "scaled"])
+def test_ogm_ge_noise_std_is_the_gradients_before_scaling_by_default(noise_std, monkeypatch):
+    """GE: ``g ← g·k + N(0, σ²)``. Default (the authors' current code, METHODS.md's correction): σ = std(g)
+    before scaling; ``--noise-std scaled`` (their earlier commit 65b81b1): σ = std(g·k). The draw is
+    replaced by ones, so the step is exactly ``g·k + σ + 1e-8``; k fixed at (0.5, 1)."""
+    model, b = build("ogm-ge", **({} if noise_std == "unscaled" else {"noise_std": noise_std})), make_batch(n=16)
+    assert model.opts.noise_std == noise_std
+    plain = build("concat")
+    plain.load_state_dict(model.state_dict(), strict=False)
+    F.cross_entropy(plain.logits(b), b.y).backward()
+    monkeypatch.setattr(model, "coefficient_tensor", lambda batch: torch.tensor([0.5, 1.0]))
+    monkeypatch.setattr(torch, "randn_like", torch.ones_like)
+    model.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.epoch = 1
+    before = {m: model.proj[m].linear.weight.detach().clone() for m in "av"}
+    model.train_step(b)
+    for m, k in (("a", 0.5), ("v", 1.0)):
+        g = plain.proj[m].linear.weight.grad
+        sigma = float(g.std()) if noise_std == "unscaled" else float((g * k).std())
+        torch.testing.assert_close(before[m] - model.proj[m].linear.weight.detach(), g * k + sigma + 1e-8)
+    assert float(plain.proj["a"].linear.weight.grad.std()) > 1e-4  # the two σ differ visibly for a
+
+
 # --- film ---------------------------------------------------------------------------------------
 def film_by_hand(model, h_cond, h_mod, m):
     out = linear(model.film[m], h_cond)
@@ -272,3 +295,11 @@ def test_each_method_trains_two_epochs(one_thread, caches, method, cache):
     assert all(math.isfinite(a) for a in result.test.v.values())
     if cache != "4m":
         assert result.test.acc > 100 / len(data.spec.class_names)
+
+
+def test_film_and_bigated_say_which_modality_conditions_or_gates():
+    """The tables' "trained with" column names the role (default: the cache's first modality)."""
+    assert build("film").trained_with() == "condition a" and build("film", condition="v").trained_with() == "condition v"
+    assert build("bigated").trained_with() == "gate a" and build("bigated", gate="v").trained_with() == "gate v"
+    assert build("bigated", bidirectional=True).trained_with() == "gate every pair"
+    assert build("concat").trained_with() == ""
