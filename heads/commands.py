@@ -15,7 +15,7 @@ import typer
 
 # Options shared by every training command.
 CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or built-in preset av / avt.")
-EPOCHS = typer.Option(100, help="Training epochs; the epoch with the best validation accuracy is kept.")
+EPOCHS = typer.Option(None, help="Training epochs (default: the method's, from its source: 100 for most, mmpareto 50, ccat 150, crmt 140 + 45; `cli.py methods`); the epoch with the best validation accuracy is kept.")
 LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
 BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
 OPTIM = typer.Option(None, help="adam, adamw or sgd (momentum 0.9) (default: the method's paper setting).")
@@ -35,6 +35,10 @@ SHAPLEY = typer.Option(128, "--shapley-permutations", help="With more than 8 mod
 EPOCH_SUBSETS = typer.Option(False, "--epoch-subsets", help="Score every modality subset on validation after each epoch (φ, δ, EDM per epoch in epochs.csv); methods that read φ, like edm, always do.")
 FEATURE_DTYPE = typer.Option("fp16", "--feature-dtype", help="How features are held in memory: fp16 (the cache's own float16, half the memory; batches are float32) or fp32 (the earlier path, exactly).")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def epoch_text(epochs: int | None) -> str:
+    return f"{epochs} epochs" if epochs else "each method's epochs (trained with)"
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -90,7 +94,7 @@ def register(app: typer.Typer, guard) -> None:
         run_dir = new_run(name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
         result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet))
         typer.echo((run_dir / "table.md").read_text().rstrip())
-        typer.echo(f"best epoch {result.best_epoch}/{epochs} · {result.seconds:.1f} s · {run_dir}")
+        typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs} · {result.seconds:.1f} s · {run_dir}")
 
 
     @app.command()
@@ -106,7 +110,7 @@ def register(app: typer.Typer, guard) -> None:
         out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
         standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
-        same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, or the options given) instead of each paper's."),
+        same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, 100 epochs, or the options given) instead of each paper's."),
     ):
         """Train several methods over several seeds; print and write the paper-style table (mean ± std).
 
@@ -146,13 +150,14 @@ def register(app: typer.Typer, guard) -> None:
         if same_optimizer:
             optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
             schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
+            epochs = epochs or SHARED.epochs
         base = config_from_options(first, epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
                                    missing_train, missing_test, schedule=schedule, standardize=standardize, device=device,
                                    precision=precision, epoch_subsets=epoch_subsets,
                                    shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
         data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
-        summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on "
+        summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on "
                    f"validation · features standardised: {standardize}")
         if paper is None:
             table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
@@ -252,7 +257,7 @@ def register(app: typer.Typer, guard) -> None:
         folder = run_folder(out, name or f"robustness-{timestamp()}")
         data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
         run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
-        typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epochs} epochs · selection on validation")
+        typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on validation")
         typer.echo((folder / "robustness.md").read_text().rstrip())
         typer.echo(f"written to {folder} (robustness.json, .parquet, .csv, .md, .png)")
 

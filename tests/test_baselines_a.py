@@ -71,11 +71,58 @@ def test_ogm_projection_gradient_is_exactly_k_times_the_plain_gradient_inside_th
             torch.testing.assert_close(before[m] - model.proj[m].linear.weight.detach(), want)
 
 
+@pytest.mark.parametrize("noise_std", ["unscaled", "scaled"])
+def test_ogm_ge_noise_std_is_the_gradients_before_scaling_by_default(noise_std, monkeypatch):
+    """GE: ``g ← g·k + N(0, σ²)``. Default (the authors' current code, METHODS.md's correction): σ = std(g)
+    before scaling; ``--noise-std scaled`` (their earlier commit 65b81b1): σ = std(g·k). The draw is
+    replaced by ones, so the step is exactly ``g·k + σ + 1e-8``; k fixed at (0.5, 1)."""
+    model, b = build("ogm-ge", **({} if noise_std == "unscaled" else {"noise_std": noise_std})), make_batch(n=16)
+    assert model.opts.noise_std == noise_std
+    plain = build("concat")
+    plain.load_state_dict(model.state_dict(), strict=False)
+    F.cross_entropy(plain.logits(b), b.y).backward()
+    monkeypatch.setattr(model, "coefficient_tensor", lambda batch: torch.tensor([0.5, 1.0]))
+    monkeypatch.setattr(torch, "randn_like", torch.ones_like)
+    model.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.epoch = 1
+    before = {m: model.proj[m].linear.weight.detach().clone() for m in "av"}
+    model.train_step(b)
+    for m, k in (("a", 0.5), ("v", 1.0)):
+        g = plain.proj[m].linear.weight.grad
+        sigma = float(g.std()) if noise_std == "unscaled" else float((g * k).std())
+        torch.testing.assert_close(before[m] - model.proj[m].linear.weight.detach(), g * k + sigma + 1e-8)
+    assert float(plain.proj["a"].linear.weight.grad.std()) > 1e-4  # the two σ differ visibly for a
+
+
 # --- film ---------------------------------------------------------------------------------------
 def film_by_hand(model, h_cond, h_mod, m):
     out = linear(model.film[m], h_cond)
     gamma, beta = out[:, :D], out[:, D:]
     return gamma * h_mod + beta
+
+
+@pytest.mark.parametrize("scores, mean_k, sum_k", [
+    # ρ (mean) = (0.5, 2, 0.86): v modulated. ρ (sum) = (0.25, 1, 0.43): nobody above 1, so MLA's
+    # fallback modulates the first modality with 1 − tanh(α · 0.25).
+    ((0.2, 0.5, 0.3), (1, 1 - math.tanh(0.8 * 2), 1), (1 - math.tanh(0.8 * 0.25), 1, 1)),
+    # ρ_v = 0.6 / 0.2 = 3 (mean) or 0.6 / 0.4 = 1.5 (sum): v modulated under both, by different k.
+    ((0.1, 0.6, 0.3), (1, 1 - math.tanh(0.8 * 3), 1), (1, 1 - math.tanh(0.8 * 1.5), 1)),
+])
+def test_ogm_ge_ratio_mean_or_sum_of_the_other_scores_for_three_modalities(scores, mean_k, sum_k, monkeypatch):
+    """``--ratio mean`` (default, choice): ρ_m = s_m / mean of the others; ``--ratio sum`` (MLA's code):
+    ρ_m = s_m / Σ others, and when no ρ exceeds 1 the first modality (MLA's audio) is modulated anyway."""
+    for rule, want in (("mean", mean_k), ("sum", sum_k)):
+        model = build("ogm-ge", SPEC3, **({} if rule == "mean" else {"ratio": rule}))
+        assert model.opts.ratio == rule
+        monkeypatch.setattr(model, "score_tensor", lambda batch: torch.tensor(scores))
+        assert model.coefficient_tensor(None).tolist() == pytest.approx(list(want), rel=1e-5, abs=1e-6), rule
+
+
+def test_ogm_ge_ratio_sum_is_the_paper_rule_for_two_modalities(monkeypatch):
+    for rule in ("mean", "sum"):
+        model = build("ogm-ge", ratio=rule)
+        monkeypatch.setattr(model, "score_tensor", lambda batch: torch.tensor([0.2, 0.5]))
+        assert model.coefficient_tensor(None).tolist() == pytest.approx([1, 1 - math.tanh(0.8 * 2.5)], rel=1e-6)
 
 
 def test_film_first_modality_conditions_the_other_and_missing_ones_follow_the_network():
@@ -256,3 +303,11 @@ def test_each_method_trains_two_epochs(one_thread, caches, method, cache):
     assert all(math.isfinite(a) for a in result.test.v.values())
     if cache != "4m":
         assert result.test.acc > 100 / len(data.spec.class_names)
+
+
+def test_film_and_bigated_say_which_modality_conditions_or_gates():
+    """The tables' "trained with" column names the role (default: the cache's first modality)."""
+    assert build("film").trained_with() == "condition a" and build("film", condition="v").trained_with() == "condition v"
+    assert build("bigated").trained_with() == "gate a" and build("bigated", gate="v").trained_with() == "gate v"
+    assert build("bigated", bidirectional=True).trained_with() == "gate every pair"
+    assert build("concat").trained_with() == ""

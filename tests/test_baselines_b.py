@@ -16,6 +16,8 @@ from torch.nn import functional as F
 from heads.train.config import build_model, TrainConfig
 from heads.train.trainer import fit
 from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.methods import METHODS
+from heads.methods.lfm import js_divergence
 from heads.methods.mmpareto import pareto_weights
 
 SPEC = DataSpec(["a", "b"], {"a": 6, "b": 4}, {"a": 1, "b": 1}, 3, ["x", "y", "z"], 0)
@@ -96,6 +98,21 @@ def test_mmpareto_step_replaces_each_projection_gradient_by_the_integrated_one()
     assert model.end_epoch(None) == {"mmpareto_conflict_a": 0.0, "mmpareto_conflict_b": 1.0}
 
 
+def test_mmpareto_rescales_per_tensor_and_doubles_the_weighted_sum():
+    """A case where the per-tensor rescale and the factor 2 both show. Tensors t1: g_mm = (3, 0), g_m = (−1, 0);
+    t2: g_mm = (0, 0.1), g_m = (0, −0.1). Flattened they conflict: k = (g_m − g_mm)·g_m / ‖g_mm − g_m‖²
+    = 4.02 / 16.04. t1: ĝ = 2(3k − (1 − k)) > 0 is tiny, the plain sum (2, 0) is longer, so t1 is rescaled
+    to norm 2: 1.5 · (2, 0) = (3, 0). t2: the plain sum is 0, no rescale, so 1.5 · 2 · 0.1 · (2k − 1)
+    = −2.4 / 16.04 — half that without the factor 2; one flattened rescale would give neither."""
+    model = build("mmpareto")
+    g_mm = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 0.1])]
+    g_m = [torch.tensor([-1.0, 0.0]), torch.tensor([0.0, -0.1])]
+    out, conflict = model.integrate(g_mm, g_m)
+    assert bool(conflict)
+    torch.testing.assert_close(out[0], torch.tensor([3.0, 0.0]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[1], torch.tensor([0.0, -2.4 / 16.04]), rtol=1e-4, atol=1e-7)
+
+
 def test_mmpareto_predicts_with_the_concat_classifier_of_the_present_modalities():
     model, b = build("mmpareto"), make_batch()
     with torch.no_grad():
@@ -130,7 +147,7 @@ def test_lfm_loss_is_alpha_infonce_plus_one_minus_alpha_ce_of_the_mean_logits(mi
     """Epoch 3: α = e^{−0.6}. L = α · InfoNCE(P_a, P_b) + (1 − α) · CE(mean of the present logits).
     With b missing for samples 0 and 1, the InfoNCE uses samples 2… only (as rows and as negatives) and
     those two samples' prediction is their a-logits alone."""
-    model = build("lfm")
+    model = build("lfm", matching="infonce")
     b = make_batch(absent={"b": [0, 1]} if missing else None)
     model.start_epoch(3)
     with torch.no_grad():
@@ -157,6 +174,41 @@ def test_lfm_js_matching_is_the_jensen_shannon_divergence_of_the_unimodal_predic
         js = float((0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)).mean())
         ce = float(F.cross_entropy((model.cls["a"](proj(model, "a", b.x["a"])) + model.cls["b"](proj(model, "b", b.x["b"]))) / 2, b.y))
         assert float(model.loss(b)) == pytest.approx(0.95 * js + 0.05 * ce, rel=1e-5)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_lfm_default_alignment_is_the_codes_kl_from_the_mean_prediction(missing):
+    """The default (``matching`` unset) is what the official ``Alignment(o_a, o_v)`` executes:
+    ``½ [kl_div(p.log(), m) + kl_div(q.log(), m)]`` (torch's ``kl_div(input, target)`` is KL(target‖·)),
+    i.e. ½ [KL(m‖p) + KL(m‖q)], batch mean over the samples that have both modalities. Epoch 1: α = 0.95.
+    It is not InfoNCE nor JS: on this batch the three differ by more than 1%."""
+    model, b = build("lfm"), make_batch(absent={"b": [0, 1]} if missing else None)
+    assert model.opts.matching == "code"
+    model.start_epoch(1)
+    with torch.no_grad():
+        ha, hb = proj(model, "a", b.x["a"]), proj(model, "b", b.x["b"]) * b.present["b"][:, None]
+        la, lb = model.cls["a"](ha), model.cls["b"](hb)
+        keep = slice(2, None) if missing else slice(None)
+        p, q = la[keep].softmax(-1), lb[keep].softmax(-1)
+        m = (p + q) / 2
+        code = 0.5 * (float(F.kl_div(p.log(), m, reduction="batchmean")) + float(F.kl_div(q.log(), m, reduction="batchmean")))
+        js = float((0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)).mean())
+        fused = (la + lb) / 2
+        if missing:
+            fused[:2] = la[:2]
+        ce = float(F.cross_entropy(fused, b.y))
+        assert float(model.loss(b)) == pytest.approx(0.95 * code + 0.05 * ce, rel=1e-5)
+        ctr = info_nce_by_hand(ha[keep], hb[keep])
+        assert abs(code - js) > 1e-2 * code and abs(code - ctr) > 1e-2 * code  # far beyond the 1e-5 tolerance
+
+
+def test_lfm_kl_from_the_mean_and_js_differ_on_a_hand_example():
+    """p = (0.9, 0.1), q = (0.1, 0.9), m = (½, ½): KL(m‖p) = KL(m‖q) = ½ ln(0.25/0.09) = ln(5/3),
+    so the code's term is ln(5/3) ≈ 0.5108, while JS = 0.9 ln 1.8 + 0.1 ln 0.2 ≈ 0.3681."""
+    p, q = torch.tensor([[0.9, 0.1]]).log(), torch.tensor([[0.1, 0.9]]).log()
+    both = torch.ones(1, dtype=torch.bool)
+    assert float(js_divergence(p, q, both, mean_first=True)) == pytest.approx(math.log(5 / 3), rel=1e-5)
+    assert float(js_divergence(p, q, both)) == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-5)
 
 
 # --- crmt -----------------------------------------------------------------------------------------
@@ -250,6 +302,51 @@ def test_crmt_lipschitz_sweep_is_the_largest_per_sample_score_gradient_norm():
                         want[r, k] = max(float(want[r, k]), norm)
     assert float(everyone[1, 0]) > float(want[1, 0])  # the absent sample matters here
     torch.testing.assert_close(model.lipschitz, want, rtol=1e-5, atol=1e-6)
+
+
+def score_gradient_norms(model, b):
+    """``[B, M, C]``: ‖∂ s_m,k(x_i) / ∂ x_i,m‖ = ‖W_mᵀ (1[W_m x + b_m > 0] ⊙ W̃_m[k])‖ for each sample, by hand."""
+    out = torch.zeros(len(b.y), 2, 3)
+    with torch.no_grad():
+        for r, m in enumerate("ab"):
+            w, bb = model.proj[m].linear.weight, model.proj[m].linear.bias
+            c = model.cls.weight[:, r * 5:(r + 1) * 5]
+            c = c - c.mean(1, keepdim=True)
+            rows = c / c.norm(dim=1, keepdim=True)
+            for i in range(len(b.y)):
+                active = (b.x[m][i] @ w.T + bb > 0).float()
+                for k in range(3):
+                    out[i, r, k] = (w.T @ (active * rows[k])).norm()
+    return out
+
+
+def test_crmt_lipschitz_constant_is_the_maximum_over_every_batch_of_the_sweep():
+    """τ is the maximum over the whole training set, not the last batch's (nor the first's): two batches
+    whose maxima win in different entries, swept in turn. A stale τ from before the sweep is cleared."""
+    model = build("crmt", epochs=8, second_step_epochs=2)
+    first, second = make_batch(seed=0), make_batch(seed=1)
+    with torch.no_grad():
+        model.lipschitz.fill_(100.0)
+    model.start_epoch(7)
+    model.train_step(first)
+    model.train_step(second)
+    n1, n2 = score_gradient_norms(model, first).amax(0), score_gradient_norms(model, second).amax(0)
+    assert bool((n1 > n2).any()) and bool((n2 > n1).any())  # each batch holds some entry's maximum
+    torch.testing.assert_close(model.lipschitz, torch.maximum(n1, n2), rtol=1e-5, atol=1e-6)
+
+
+def test_crmt_defaults_follow_the_authors_updated_configs():
+    """Commit 9f42759 "Update the configs." of GeWu-Lab/Certifiable-Robust-Multi-modal-Training: ρ = 2.0,
+    StepLR(60, 0.1), 140 epochs of step 1, then range(1, 140 // 3) = 45 of step 2 (the initial commit
+    had ρ = 1, StepLR 40, 100 epochs). A run of another length keeps step 2's share, 45/185."""
+    declared = METHODS["crmt"].training
+    assert (declared.schedule, declared.epochs, declared.stages) == ("step:60:0.1", 185, (140, 45))
+    cfg = TrainConfig(method="crmt", hidden=5)
+    model = build_model(cfg, SPEC)
+    assert model.opts.rho == 2.0 and (model.first_step_epochs, model.second_step_epochs) == (140, 45)
+    assert (model.cfg.epochs, model.cfg.schedule) == (185, "step:60:0.1")
+    short = build("crmt", epochs=100)
+    assert (short.first_step_epochs, short.second_step_epochs) == (76, 24)
 
 
 def test_crmt_second_step_moves_only_the_integration_weights_and_raises_the_bound():

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from cache.synthetic import make_synthetic
 from heads.train.config import build_model, resolve_training, TrainConfig
 from heads.train.rundir import load_run
 from heads.train.trainer import fit, Trainer
@@ -16,8 +17,9 @@ from heads.train.evaluation import evaluate, predict
 from heads.blocks.data import Batch, DataSpec, load_head_data, SplitTensors
 from heads.methods import METHODS
 from heads.methods.ogm_ge import coefficient
+from heads.sweeps import compare as sweeps_compare
 from heads.blocks.standardize import Standardizer
-from heads.blocks.optim import scheduled_lr
+from heads.blocks.optim import Training, scheduled_lr
 
 SPEC = DataSpec(["a", "v"], {"a": 3, "v": 2}, {"a": 1, "v": 1}, 3, ["x", "y", "z"], 0)
 
@@ -115,6 +117,8 @@ def test_each_method_trains_with_its_declared_paper_setting_unless_told(method):
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.batch_size) == (
         declared.optimizer, declared.lr, declared.weight_decay, declared.schedule, declared.batch_size)
     assert declared.source in cfg.training_source and "given" not in cfg.training_source
+    assert cfg.epochs == declared.epochs and (not declared.stages or sum(declared.stages) == declared.epochs)
+    assert resolve_training(TrainConfig(method=method, epochs=7)).epochs == 7  # --epochs given wins
     given = resolve_training(TrainConfig(method=method, lr=0.05))
     assert given.lr == 0.05 and given.optimizer == declared.optimizer and "given: lr 0.05" in given.training_source
     model = build_model(TrainConfig(method=method, hidden=4), SPEC)
@@ -127,6 +131,18 @@ def test_papers_settings_are_the_ones_their_sources_state():
     assert (METHODS["mla"].training.optimizer, METHODS["mla"].training.batch_size) == ("sgd", 64)
     assert (METHODS["edm"].training.optimizer, METHODS["edm"].training.lr) == ("adamw", 1e-4)
     assert (METHODS["ccat"].training.optimizer, METHODS["ccat"].training.batch_size) == ("sgd", 32)
+
+
+def test_epoch_counts_are_the_ones_their_sources_state():
+    """MMPareto's official code trains 50 epochs, the CCAT paper 150, CRMT's configs 140 + 45, LFM's
+    current release 200 from scratch; the others the field's 100 (before: every method 100)."""
+    epochs = {name: cls.training.epochs for name, cls in METHODS.items()}
+    assert {n: e for n, e in epochs.items() if e != 100} == {"mmpareto": 50, "ccat": 150, "crmt": 185, "lfm": 200}
+    assert METHODS["crmt"].training.stages == (140, 45) and METHODS["ccat"].training.stages == (45, 105)
+    assert "50 epochs" in METHODS["mmpareto"].training.describe()
+    assert "185 epochs (140 + 45)" in METHODS["crmt"].training.describe()
+    with pytest.raises(ValueError, match="do not sum"):
+        Training("sgd", 1e-3, 0.0, "none", 8, "x", epochs=10, stages=(4, 5))
 
 
 def test_step_schedule_is_steplr_per_epoch_and_the_core_applies_it(small_av):
@@ -152,6 +168,28 @@ def test_compare_same_optimizer_trains_every_method_alike(small_av, tmp_path):
     assert result.exit_code == 0, result.output
     same = [json.loads(p.read_text())["train"] for p in (tmp_path / "same").glob("*/config.json")]
     assert {(c["optimizer"], c["lr"], c["schedule"], c["batch_size"]) for c in same} == {("adam", 1e-3, "none", 256)}
+
+
+@pytest.mark.trains
+def test_a_methods_epoch_count_applies_unless_epochs_is_given(tmp_path, monkeypatch):
+    """Without --epochs mmpareto trains its code's 50 epochs, shown in the "trained with" column and in
+    `cli.py methods`; compare --same-optimizer sets one count (100) for every method (its runs captured,
+    not trained), and without it leaves each method its own."""
+    tiny = make_synthetic(tmp_path / "tiny", "av", seed=0, scale=0.02)
+    base = ["--cache", str(tiny), "--quiet", "--out", str(tmp_path), "--batch-size", "4096", "--hidden", "8"]
+    result = CliRunner().invoke(cli.app, ["train-head", "--method", "mmpareto", "--name", "own", *base])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["train"]["epochs"] == 50
+    assert "50 epochs" in result.output and "/50 " in result.output
+    seen = {}
+    monkeypatch.setattr(sweeps_compare, "compare", lambda data, specs, seeds, cfg, *a, **k: (seen.update(cfg=cfg), ("", []))[1])
+    for flags, want in (([], None), (["--same-optimizer"], 100)):
+        result = CliRunner().invoke(cli.app, ["compare", "--methods", "mmpareto", "--seeds", "0,", *flags, *base])
+        assert result.exit_code == 0, result.output
+        assert seen["cfg"].epochs == want
+    assert resolve_training(dataclasses.replace(seen["cfg"], epochs=None, method="mmpareto")).epochs == 50
+    listing = CliRunner().invoke(cli.app, ["methods"]).output
+    assert "50 epochs" in listing and "185 epochs (140 + 45)" in listing
 
 
 # --- OGM-GE as published --------------------------------------------------------------------------

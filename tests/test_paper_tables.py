@@ -1,5 +1,6 @@
 """The papers' tables as data (heads/reports/paper_tables.json) and `compare --paper`."""
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 import cli
 from cache.importer import import_npz
 from heads.reports import papers
+from heads.sweeps.specs import parse_method_spec
 from heads.methods import METHODS
 from heads.reports.tables import paper_results_table
 from tests.conftest import ROOT
@@ -189,10 +191,10 @@ def test_ccat_table_numbers_are_the_papers():
 def test_paper_mla_selects_exactly_its_implemented_methods():
     table = papers.load_tables()["mla"]
     rows = papers.plan(table, METHODS, [])
-    assert [r.spec for r in rows if r.spec] == [row["ours"] for row in table["rows"] if row["ours"] in METHODS]
+    assert [r.spec.split("[")[0] for r in rows if r.spec] == [row["ours"] for row in table["rows"] if row["ours"] in METHODS]
     assert {r.row["ours"] for r in rows if r.status == papers.NOT_REGISTERED} == set(MAPPING["mla"].values()) - set(METHODS)
     everything = set(MAPPING["mla"].values())
-    assert [r.spec for r in papers.plan(table, everything, [])] == list(MAPPING["mla"].values())
+    assert [r.spec.split("[")[0] for r in papers.plan(table, everything, [])] == list(MAPPING["mla"].values())
     unknown = copy.deepcopy(table)
     unknown["rows"].append({"row": "AGM", "ours": None, "table": "Table 1", "values": {}})
     rows = papers.plan(unknown, everything, [])
@@ -208,6 +210,26 @@ def test_ccat_runs_with_the_options_of_the_matched_dataset():
     assert [c["id"] for c in ks] == ["ks"]
     assert [r.spec for r in papers.plan(table, {"ccat"}, ks) if r.spec] == ["ccat[rank=2;beta=0.3]"]
     assert [r.spec for r in papers.plan(table, {"ccat"}, []) if r.spec] == ["ccat"]
+
+
+def test_paper_rows_run_with_their_sources_ogm_alpha_and_ratio_and_the_official_roles():
+    """MLA's code produced MLA Table 1's OGM-GE row: α 0.3 and the ratio over the sum of the other scores
+    (the EDM table's row follows it, choice); CCAT's keeps the method's defaults. FiLM and BiGated run
+    with the official code's role (audio conditions and gates), text where the cache has no audio, the
+    method's default where it has neither."""
+    tables = papers.load_tables()
+    for name in ("mla", "edm"):
+        (spec,) = [r.spec for r in papers.plan(tables[name], METHODS, [], ["visual", "audio"]) if r.row["ours"] == "ogm-ge"]
+        assert spec == "ogm-ge[alpha=0.3;ratio=sum]"
+        assert parse_method_spec(spec) == ("ogm-ge", {"alpha": 0.3, "ratio": "sum"})
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["ccat"], METHODS, [], ["visual", "audio"]) if r.spec}
+    assert (specs["ogm-ge"], specs["film"], specs["bigated"]) == ("ogm-ge", "film[condition=audio]", "bigated[gate=audio]")
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["mla"], METHODS, [], ["image", "text"]) if r.spec}
+    assert (specs["film"], specs["bigated"]) == ("film[condition=text]", "bigated[gate=text]")
+    specs = {r.row["ours"]: r.spec for r in papers.plan(tables["mla"], METHODS, [], ["a", "b"]) if r.spec}
+    assert (specs["film"], specs["bigated"]) == ("film", "bigated")
+    ks = papers.match_columns(tables["ccat"], "ks", ["resnet18"])
+    assert papers.row_options({"run_options": {"x": 1}, "options": {"ks": {"x": 2, "y": 3}}}, ks) == {"x": 2, "y": 3}
 
 
 def test_columns_match_the_caches_dataset_and_backbone():
@@ -245,7 +267,9 @@ def test_compare_paper_prints_the_papers_number_beside_ours(tmp_path):
     assert "| 79.70 ± 0.87 |" in mla
     runs = (tmp_path / "c" / "results.csv").read_text().splitlines()[1:]
     implemented = [o for o in MAPPING["mla"].values() if o in METHODS]
-    assert sorted(line.split(",")[0] for line in runs) == sorted(implemented)
+    assert sorted(line.split(",")[0].split("[")[0] for line in runs) == sorted(implemented)
+    assert {line.split(",")[0] for line in runs} >= {"ogm-ge[alpha=0.3;ratio=sum]", "film[condition=audio]", "bigated[gate=audio]"}
+    assert "· condition audio |" in next(line for line in lines if line.startswith("| film[condition=audio] |"))
     pending = [o for o in MAPPING["mla"].values() if o not in METHODS]
     notes = [line for line in lines if line.startswith("note: not registered yet")]
     assert len(notes) == (1 if pending else 0) and all(o in notes[0] for o in pending)
@@ -255,12 +279,25 @@ def test_compare_paper_prints_the_papers_number_beside_ours(tmp_path):
 
 
 def test_compare_paper_on_a_synthetic_cache_says_it_is_another_dataset(tmp_path):
-    result = _compare(_tiny_cache(tmp_path, "synthetic-av"), tmp_path, "--paper", "ccat")
+    """Also: CCAT's row runs the r and β that the paper's staged grid selects on validation here (its
+    printed β does not transfer), and the output says which and how many samples the secondary update
+    touched. Two epochs: one of pretraining (30% rounded, at least 1), one of stage 2."""
+    result = _compare(_tiny_cache(tmp_path, "synthetic-av"), tmp_path, "--paper", "ccat", "--epochs", "2")
     assert result.exit_code == 0, result.output
     head = next(line for line in result.output.splitlines() if line.startswith("| method |"))
     assert "paper acc" not in head
     assert "no paper column: this cache's dataset 'synthetic-av' is none of Table 1's" in result.output
-    assert "| CCAT (Ours) | ccat | 85.89 | 79.29 | 80.73 |" in result.output
+    grid = json.loads((tmp_path / "c" / "grid-ccat" / "grid.json").read_text())
+    assert grid["protocol"] == "ccat" and grid["axes"] == {}
+    stage1 = [r for r in grid["summary"] if r["stage"] == 1]
+    stage2 = [r for r in grid["summary"] if r["stage"] == 2]
+    assert sorted(r["values"]["rank"] for r in stage1) == [1, 2, 4, 8, 16] and len(stage2) == 8
+    rank, beta = grid["selected"]["values"]["rank"], grid["selected"]["values"]["beta"]
+    spec = f"ccat[rank={rank};beta={beta}]"
+    assert f"| CCAT (Ours) | {spec} | 85.89 | 79.29 | 80.73 |" in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("ccat: selected on validation"))
+    assert f"r = {rank}, β = {beta:g}" in line and re.search(r"audio \d+\.\d%, visual \d+\.\d% of the training samples", line)
+    assert line in (tmp_path / "c" / "paper.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,9 @@ run uses it unless the user says otherwise (``--optimizer``/``--lr``/... overrid
 ``compare --same-optimizer`` runs every method under one setting for a controlled comparison).
 
 A ``TrainConfig`` leaves these settings ``None`` until ``resolve_training`` fills them, so the
-resolved values (and where they came from) are what ``config.json`` records.
+resolved values (and where they came from) are what ``config.json`` records. The epoch count is one of
+them: a method declares its source's (MMPareto's code trains 50, the CCAT paper 150, CRMT's configs
+140 + 45), applied when ``--epochs`` is not given; ``compare --same-optimizer`` sets one for all.
 
 Schedules are a function of the epoch (``scheduled_lr``), applied by the core at the start of every
 epoch to whatever optimizer the method holds then, so methods that rebuild their optimizer (CCAT's
@@ -35,9 +37,23 @@ class Training:
     schedule: str  # "none", "step:<epochs>:<gamma>" or "cosine"
     batch_size: int
     source: str
+    # The run's length when ``--epochs`` is not given (its source's; 100, the field's protocol, where the
+    # source states none), and for a method trained in stages their lengths, which sum to ``epochs``.
+    epochs: int = 100
+    stages: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.stages and sum(self.stages) != self.epochs:
+            raise ValueError(f"stage lengths {self.stages} do not sum to {self.epochs} epochs")
+
+    def describe_epochs(self) -> str:
+        """``100 epochs`` or, with stages, ``185 epochs (140 + 45)``."""
+        stages = f" ({' + '.join(map(str, self.stages))})" if self.stages else ""
+        return f"{self.epochs} epochs{stages}"
 
     def describe(self) -> str:
-        return f"{self.optimizer} lr {self.lr:g} wd {self.weight_decay:g} schedule {self.schedule} batch {self.batch_size}"
+        return (f"{self.optimizer} lr {self.lr:g} wd {self.weight_decay:g} schedule {self.schedule} batch {self.batch_size}, "
+                f"{self.describe_epochs()}")
 
 
 # The protocol the CREMA-D line of work shares: OGM-GE's and MLA's official main.py both train with

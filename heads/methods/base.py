@@ -140,6 +140,11 @@ class HeadMethod(nn.Module, ABC):
         """Called after each epoch with the validation report; returns extra values to log."""
         return {}
 
+    def trained_with(self) -> str:
+        """What the tables' "trained with" column adds for this run ('' = nothing): a choice the
+        method's options make implicitly, such as which modality conditions FiLM."""
+        return ""
+
     @abstractmethod
     def logits(self, batch: Batch) -> torch.Tensor:
         """Class scores ``[B, C]`` using only the modalities marked present in ``batch``."""

@@ -62,7 +62,7 @@ class BiGated(HeadMethod):
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)
-        gate = choose_modality(opts.gate, self.modalities, "bigated --gate")
+        gate = self.gate = choose_modality(opts.gate, self.modalities, "bigated --gate")
         if opts.bidirectional:
             self.pairs = [(a, b) for a in self.modalities for b in self.modalities if a != b]
         else:
@@ -70,6 +70,9 @@ class BiGated(HeadMethod):
         self.proj = projections(spec, cfg.hidden)
         self.fc = nn.ModuleDict({m: nn.Linear(cfg.hidden, cfg.hidden) for m in self.modalities})
         self.cls = nn.Linear(cfg.hidden * len(self.pairs), spec.num_classes)
+
+    def trained_with(self) -> str:
+        return "gate every pair" if self.opts.bidirectional else f"gate {self.gate}"
 
     def logits(self, batch):
         h = encode(self.proj, batch)

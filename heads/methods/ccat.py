@@ -132,7 +132,8 @@ class CCAT(HeadMethod):
     training = Training("sgd", 1e-3, 1e-4, "step:70:0.1", 32,
                         "CCAT paper §4.1: SGD momentum 0.9, batch 32, lr 1e-3, ×0.1 every 70 epochs (150 epochs); "
                         "its printed weight decay 0.1 is read as 1e-4, the value of the code it builds on "
-                        "(choice: --weight-decay 0.1 for the printed one)")
+                        "(choice: --weight-decay 0.1 for the printed one); stages: --pretrain-epochs' 30% rule at 150",
+                        epochs=150, stages=(45, 105))
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

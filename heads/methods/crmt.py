@@ -16,7 +16,8 @@ modality and class, ``a_m ∈ R^C`` (initialised 0.1). Unimodal scores ``s_m = W
 logits ``z = Σ_m a_m ⊙ s_m + b``. An absent modality's ``h_m`` is zero, so v(S) sums the present ones.
 
 **Step 1** (joint training, eq. 12, README): ``L_1 = CE(z, y) + ρ · mean_i log(Σ_m Σ_{k≠y} exp(s_m,k − s_m,y) + ε)``,
-ρ = 1 (``cfgs/methods/CRMT_JT.yaml``), all parameters (a included) trained. ε = 1e-5 is the code's
+ρ = 2.0 (``cfgs/methods/CRMT_JT.yaml`` since the authors' "Update the configs." commit 9f42759, unchanged at
+their HEAD 5c17d92; the initial commit's ρ = 1 is ``--rho 1``), all parameters (a included) trained. ε = 1e-5 is the code's
 (``log(Σ_m (Σ_k e^{s_k} e^{−s_y} − 1) + 1e-5)``), kept because it floors the term at log ε ≈ −11.5: the
 push on the margins stops there instead of growing the features forever. Computed as
 ``logaddexp(logsumexp(gaps), log ε)`` (stable, same value). Missing data: a sample's term sums its
@@ -38,15 +39,20 @@ no parameter (the core's loop hands a method batches, not the data set).
 code: SGD on ``a`` with lr 0.03 × the run's base lr, momentum 0.9, weight decay 1e-2, rebuilt every epoch.
 Missing data: the sums run over the sample's present modalities (choice).
 
-**Epochs** (choice): the code runs step 1 for ``n_epochs`` (100) and then ``n_epochs // 3 − 1`` (32)
-epochs of step 2, about a quarter of all; here ``--second-step-epochs`` (−1 = a quarter of the run,
-sweep included) ends the run, so ``--epochs 100`` is 75 + 1 + 24. The core selects the best epoch on
+**Epochs**: the code runs step 1 for ``n_epochs`` and then ``range(1, n_epochs // 3)``, i.e.
+``n_epochs // 3 − 1`` epochs of step 2; since 9f42759 ``n_epochs`` is 140 (``cfgs/train.yaml``), so
+140 + 45 — the default run here (185 epochs, the Lipschitz sweep counted as step 2's first epoch,
+choice: the core's loop hands a method batches, so the sweep takes an epoch). ``--second-step-epochs``
+(−1 = the same share of any other ``--epochs``, 45/185 rounded: ``--epochs 100`` is 76 + 1 + 23; the
+initial commit's 100 + 32 is ``--epochs 132 --second-step-epochs 32``, and this tool's earlier
+quarter rule ``--second-step-epochs 25`` at 100) ends the run. The core selects the best epoch on
 validation over both steps.
 
 **M > 2**: the paper's sums over m run over all M modalities (choice: the paper and code have two).
 
-**Training** (step 1) as ``cfgs/``: SGD momentum 0.9, lr 1e-3, weight decay 1e-4, ``StepLR(40, 0.1)``
-stepped after each epoch, batch 64.
+**Training** (step 1) as ``cfgs/`` at 9f42759: SGD momentum 0.9, lr 1e-3, weight decay 1e-4,
+``StepLR(60, 0.1)`` stepped after each epoch (the initial commit's 40 is ``--schedule step:40:0.1``),
+batch 64.
 """
 from __future__ import annotations
 
@@ -64,8 +70,8 @@ _LOG_EPS = math.log(1e-5)  # the code's ε inside the margin term's log
 
 @dataclass
 class CRMTOptions:
-    rho: float = field(default=1.0, metadata={"help": "ρ: weight of the unimodal margin regulariser in step 1 (eq. 12)"})
-    second_step_epochs: int = field(default=-1, metadata={"help": "epochs of step 2 at the end of the run, the Lipschitz sweep included; -1 = a quarter of the run, 0 = step 1 only"})
+    rho: float = field(default=2.0, metadata={"help": "ρ: weight of the unimodal margin regulariser in step 1 (eq. 12; configs since 9f42759: 2.0, initial commit 1.0)"})
+    second_step_epochs: int = field(default=-1, metadata={"help": "epochs of step 2 at the end of the run, the Lipschitz sweep included; -1 = 45/185 of the run (45 of the default 185), 0 = step 1 only"})
     a_lr_factor: float = field(default=0.03, metadata={"help": "step 2's learning rate for the integration weights a, as a multiple of the base lr (code: 0.03)"})
     a_weight_decay: float = field(default=1e-2, metadata={"help": "step 2's weight decay on a (code: 1e-2)"})
 
@@ -80,16 +86,19 @@ class CRMT(Concat):
     Options = CRMTOptions
     summary = "orthogonal-framework concat; step 1 CE + unimodal margin regulariser, step 2 integration weights a raise the certified bound"
     modality_rule = "any M: margins and the certified bound sum over all modalities (choice; the paper has two)"
-    training = Training("sgd", 1e-3, 1e-4, "step:40:0.1", 64,
-                        "CRMT official cfgs (train.yaml, optimizer/SGD.yaml, scheduler/step_decay.yaml): SGD momentum 0.9, "
-                        "lr 1e-3, wd 1e-4, StepLR(40, 0.1), batch 64")
+    training = Training("sgd", 1e-3, 1e-4, "step:60:0.1", 64,
+                        "CRMT official cfgs at 9f42759 \"Update the configs.\" (train.yaml, optimizer/SGD.yaml, "
+                        "scheduler/step_decay.yaml): SGD momentum 0.9, lr 1e-3, wd 1e-4, StepLR(60, 0.1), batch 64, "
+                        "140 epochs of step 1 then 140 // 3 − 1 = 45 of step 2",
+                        epochs=185, stages=(140, 45))
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)
         self.a = nn.ParameterDict({m: nn.Parameter(torch.full((spec.num_classes,), 0.1)) for m in self.modalities})
         self.register_buffer("lipschitz", torch.zeros(len(self.modalities), spec.num_classes))
         k = opts.second_step_epochs
-        self.second_step_epochs = cfg.epochs // 4 if k < 0 else k
+        joint, second = type(self).training.stages  # (self.training is nn.Module's train/eval flag)
+        self.second_step_epochs = round(cfg.epochs * second / (joint + second)) if k < 0 else k
         if self.second_step_epochs >= cfg.epochs:
             raise ValueError(f"crmt: --second-step-epochs {k} leaves no joint training in a run of {cfg.epochs} epochs; "
                              f"give fewer than --epochs")

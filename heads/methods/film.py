@@ -82,6 +82,9 @@ class FiLM(HeadMethod):
         self.film = nn.ModuleDict({m: nn.Linear(cfg.hidden, 2 * cfg.hidden) for m in self.modulated})
         self.cls = nn.Linear(cfg.hidden * len(self.modulated), spec.num_classes)
 
+    def trained_with(self) -> str:
+        return f"condition {self.condition}"
+
     def gamma_beta(self, h_condition: torch.Tensor, m: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(γ, β)`` for modality m from the conditioning feature (γ the first half, as the code's split)."""
         gamma, beta = self.film[m](h_condition).chunk(2, dim=1)

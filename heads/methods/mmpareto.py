@@ -76,7 +76,7 @@ class MMPareto(Concat):
     modality_rule = "any M: each projection integrates two gradients, the multimodal loss's and its own unimodal loss's"
     training = Training("sgd", 2e-3, 1e-4, "none", 64,
                         "MMPareto official MMPareto.py: SGD momentum 0.9, lr 2e-3, wd 1e-4, batch 64, 50 epochs; "
-                        "its StepLR(30, 0.1) is never stepped, so the rate is constant")
+                        "its StepLR(30, 0.1) is never stepped, so the rate is constant", epochs=50)
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)

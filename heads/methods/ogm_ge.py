@@ -6,7 +6,14 @@ code's split: ``bias / 2`` for two modalities). Only the samples that have m cou
 modality's zero feature would otherwise add the bias's confidence to s_m); when the modalities have
 different numbers of present samples the ratio compares means instead of sums (choice; with complete
 data it is exactly the paper's ratio of sums). ``ρ_m = s_m / s̄_others`` (the other modality for
-M = 2; the mean of the others' s for M > 2, choice).
+M = 2; for M > 2 ``--ratio mean``, the default, divides by the mean of the others' s, choice).
+
+``--ratio sum`` is MLA's code (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation
+``main.py`` at ab6c184, which produced MLA Table 1's OGM-GE row): ``ρ_m = s_m / Σ_{n≠m} s_n``, so at most
+one modality can exceed 1 and only it is modulated; when none does, its fallback ``else`` branch
+modulates audio anyway, ``k_a = 1 − tanh(α·ρ_a)`` — here the first modality of the cache (audio in
+``av``/``avt``). With M = 2 both rules are the paper's (up to an exact tie, where ``sum`` modulates
+the first modality).
 
 **Coefficient** (eq. 10, as the authors' code quotes it: ``1 − tanh(α · relu(ratio))`` for the
 dominant modality): ``k_m = 1 − tanh(α · ρ_m)`` when ``ρ_m > 1``, else 1 — ``--coeff-form paper``, the
@@ -50,6 +57,7 @@ class OGMOptions:
     modulation_end: int = field(default=51, metadata={"help": "last epoch with modulation (the code's 0–50 of 100)"})
     ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, σ²) to the modulated gradients (GE)"})
     noise_std: Literal["unscaled", "scaled"] = field(default="unscaled", metadata={"help": "σ = std of the gradient before (code) or after scaling by k (earlier code)"})
+    ratio: Literal["mean", "sum"] = field(default="mean", metadata={"help": "M > 2: ρ_m = s_m / mean of the others' s (choice), or / their sum with the first modality modulated when none exceeds 1 (MLA's code)"})
 
 
 def coefficient(ratio: float, alpha: float, form: str = "paper") -> float:
@@ -62,7 +70,7 @@ def coefficient(ratio: float, alpha: float, form: str = "paper") -> float:
 class OGMGE(Concat):
     Options = OGMOptions
     summary = "concat with on-the-fly gradient modulation + generalization enhancement"
-    modality_rule = "any M; for M > 2 each ρ_m compares s_m with the mean score of the others (choice)"
+    modality_rule = "any M; for M > 2 each ρ_m compares s_m with the mean score of the others (choice; --ratio sum: MLA's code)"
     stackable = False  # its own train_step (gradient surgery between backward and step)
     training = Training(FIELD_PROTOCOL.optimizer, FIELD_PROTOCOL.lr, FIELD_PROTOCOL.weight_decay, FIELD_PROTOCOL.schedule,
                         FIELD_PROTOCOL.batch_size,
@@ -89,11 +97,16 @@ class OGMGE(Concat):
         valid = ~score.isnan()
         known = torch.where(valid, score, torch.zeros_like(score))
         others = valid.sum() - valid.to(torch.long)  # scored modalities other than m
-        mean_others = (known.sum() - known) / others.clamp_min(1)
-        ratio = known / mean_others.clamp_min(1e-12)
+        sum_others = known.sum() - known
+        ratio = known / (sum_others if self.opts.ratio == "sum" else sum_others / others.clamp_min(1)).clamp_min(1e-12)
         shifted = ratio if self.opts.coeff_form == "paper" else ratio - 1.0
         k = 1.0 - torch.tanh(self.opts.alpha * shifted)
-        return torch.where(valid & (others > 0) & (ratio > 1), k, torch.ones_like(k))
+        scored = valid & (others > 0)
+        modulated = scored & (ratio > 1)
+        if self.opts.ratio == "sum":  # MLA's fallback: nobody dominates, so the first modality is modulated
+            first = torch.arange(len(k), device=k.device) == 0
+            modulated = modulated | (first & scored & ~modulated.any())
+        return torch.where(modulated, k, torch.ones_like(k))
 
     def scores(self, batch) -> dict[str, float]:
         """The scores as host numbers (analysis and tests; training reads the tensor)."""

@@ -59,12 +59,24 @@ class PaperRow:
     status: str | None  # None when it runs; else NOT_IMPLEMENTED or NOT_REGISTERED
 
 
-def plan(table: dict, registered, columns: list[dict]) -> list[PaperRow]:
-    """Each row of the table: run with our method of that name, or say why not.
+def row_options(row: dict, columns: list[dict], modalities=()) -> dict:
+    """The method options a row runs with: its source's (``run_options``, every column), then the
+    modality roles of the official code (``roles``: the first listed modality the cache has), then
+    the options the paper sets for the matched dataset (CCAT's rank and β; only with one matched
+    column)."""
+    options = dict(row.get("run_options", {}))
+    for name, preferred in row.get("roles", {}).items():
+        chosen = next((m for m in preferred if m in modalities), None)
+        if chosen is not None:
+            options[name] = chosen
+    if len(columns) == 1:
+        options.update(row.get("options", {}).get(columns[0]["id"]) or {})
+    return options
 
-    A row whose paper sets method options per dataset (CCAT's rank and β) runs with the options of
-    the matched column; with no single matched column it runs with the method's defaults.
-    """
+
+def plan(table: dict, registered, columns: list[dict], modalities=()) -> list[PaperRow]:
+    """Each row of the table: run with our method of that name and the row's options
+    (``row_options``), or say why not. ``modalities``: the cache's, for the rows' roles."""
     rows = []
     for row in table["rows"]:
         ours = row["ours"]
@@ -73,7 +85,7 @@ def plan(table: dict, registered, columns: list[dict]) -> list[PaperRow]:
         elif ours not in registered:
             rows.append(PaperRow(row, None, NOT_REGISTERED))
         else:
-            options = row.get("options", {}).get(columns[0]["id"]) if len(columns) == 1 else None
+            options = row_options(row, columns, modalities)
             spec = ours + (f"[{';'.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
             rows.append(PaperRow(row, spec, None))
     return rows

@@ -1,5 +1,7 @@
 """``compare``: several method specs over several seeds through the sweep runner, and their table; with
 a paper's name, the rows of that paper's main table that this tool implements, its numbers beside ours.
+A row whose paper selected its options on validation (CCAT's r and β) gets them the same way here:
+the paper's staged grid, on validation, then the selected setting in the table.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from heads.errors import OptionError
 from heads.methods import METHODS
 from heads.reports import papers
 from heads.reports.tables import paper_report, results_table
+from heads.sweeps.grid import run_grid
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
@@ -59,11 +62,49 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
     number for the cache's dataset beside ours. ``echo`` shows the plan before training starts; the
     report (returned) is also written to ``out/paper.md``."""
     columns = papers.match_columns(printed, data.meta["dataset"], data.meta["backbones"])
-    rows = papers.plan(printed, METHODS, columns)
+    rows = papers.plan(printed, METHODS, columns, data.spec.modalities)
     head = papers.plan_lines(paper, printed, rows)
     echo(head)
+    selected = []
+    for i, row in enumerate(rows):
+        if row.spec and row.row.get("select_by"):
+            rows[i], line = select_staged(data, row, seeds, base, out, progress, workers)
+            selected.append(line)
+            echo(line)
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
     _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers)
-    body = f"{summary}\n{paper_report(printed, rows, columns, results, data)}"
+    body = "\n".join([f"{summary}\n{paper_report(printed, rows, columns, results, data)}".rstrip(), *selected])
     (out / "paper.md").write_text(f"{head}\n{body}\n")
     return body
+
+
+def select_staged(data: HeadData, row: papers.PaperRow, seeds: list[int], base: TrainConfig, out: Path,
+                  progress: bool = True, workers: int = 0) -> tuple[papers.PaperRow, str]:
+    """A row whose paper selected its options on validation (``select_by``: CCAT's r, then β): run that
+    staged grid into ``out/grid-<method>`` and return the row with the selected options, and one line
+    saying what was selected and which fraction of training samples the secondary update touched."""
+    method = row.row["ours"]
+    grid = run_grid(data, method, {}, seeds, replace(base, method=method), out / f"grid-{method}", protocol=row.row["select_by"],
+                    workers=workers, progress=progress, yes=True)
+    values = grid.selection.values
+    chosen = replace(row, spec=f"{method}[{';'.join(f'{k}={v}' for k, v in values.items())}]")
+    runs = [r["run"] for r in grid.records if r.get("stage") == 2 and r["label"] == grid.selection.config]
+    share = secondary_share(out / f"grid-{method}", runs, data.spec.modalities)
+    touched = (", ".join(f"{m} {100 * v:.1f}%" for m, v in share.items()) + " of the training samples per stage-2 epoch"
+               if share else "no stage-2 epoch ran")
+    picked = ", ".join(f"{'r' if k == 'rank' else 'β' if k == 'beta' else k} = {v:g}" for k, v in values.items())
+    line = (f"{method}: selected on validation by the paper's staged grid (rank, then β): {picked} "
+            f"(val {grid.selection.val_mean:.2f}); secondary update touched {touched}")
+    return chosen, line
+
+
+def secondary_share(folder: Path, runs: list[str], modalities: list[str]) -> dict[str, float]:
+    """Mean over the runs' stage-2 epochs of ``ccat_secondary_<m>`` (``epochs.csv``); empty when none ran."""
+    values: dict[str, list[float]] = {m: [] for m in modalities}
+    for run in runs:
+        with open(folder / run / "epochs.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                for m in modalities:
+                    if row.get(f"ccat_secondary_{m}") not in (None, ""):
+                        values[m].append(float(row[f"ccat_secondary_{m}"]))
+    return {m: sum(v) / len(v) for m, v in values.items() if v}

@@ -27,7 +27,7 @@ from heads.sweeps.grid import write_table
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
-from heads.train.config import TrainConfig
+from heads.train.config import TrainConfig, resolve_training
 
 PROTOCOLS = ("mla", "test-only")
 
@@ -119,7 +119,9 @@ def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds:
     rows = robustness_rows(records, rates, protocols, data.spec.modalities)
     summary = robustness_summary(rows)
     write_table(rows, folder / "robustness")
-    info = {"methods": labels, "rates": rates, "seeds": seeds, "protocols": protocols, "epochs": base.epochs,
+    info = {"methods": labels, "rates": rates, "seeds": seeds, "protocols": protocols,
+            "epochs": base.epochs or {label: resolve_training(replace(base, method=parse_method_spec(label)[0])).epochs
+                                      for label in labels},
             "dataset": data.meta.get("dataset"), "runs": [r["run"] for r in records], "summary": summary,
             "wall_seconds": time.perf_counter() - start}
     (folder / "robustness.json").write_text(json.dumps(info, indent=2))

@@ -43,7 +43,7 @@ from heads.errors import OptionError
 from heads.sweeps.jobs import Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, work
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
 from heads.sweeps.workers import Workers, default_workers
-from heads.train.config import build_model
+from heads.train.config import build_model, resolve_training
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
@@ -196,6 +196,9 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     folder this call made is removed again if it is still empty when the sweep fails or is stopped:
     a failed command leaves nothing behind, a stopped one keeps its finished runs and checkpoints.
     """
+    # Each run's settings resolved now (its method's epoch count among them): the plan and the pruning
+    # milestones read them.
+    specs = [replace(s, cfg=resolve_training(s.cfg)) for s in specs]
     if workers < 0:
         raise OptionError(f"--workers must be 0 (one per core) or positive, got {workers}")
     if stack not in STACK_MODES:

@@ -19,7 +19,7 @@ class TrainConfig:
     """Everything a run depends on; written to ``config.json`` of every run, resolved."""
 
     method: str = "concat"
-    epochs: int = 100
+    epochs: int | None = None  # None = the method's declared epoch count (``Training.epochs``)
     # None = the method's paper setting (``heads.blocks.optim``; ``resolve_training`` fills them in).
     batch_size: int | None = None
     lr: float | None = None
@@ -81,7 +81,7 @@ def config_from_options(method, epochs, seed, lr, batch_size, optimizer, hidden,
     if shapley_permutations < 1:
         raise OptionError(f"--shapley-permutations must be positive, got {shapley_permutations}")
 
-    if epochs < 1 or (batch_size is not None and batch_size < 1) or hidden < 1:
+    if (epochs is not None and epochs < 1) or (batch_size is not None and batch_size < 1) or hidden < 1:
         raise OptionError("--epochs, --batch-size and --hidden must be positive")
     given = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
              "standardize": standardize, "missing_train": missing_train, "missing_test": missing_test}
@@ -96,18 +96,19 @@ def config_from_options(method, epochs, seed, lr, batch_size, optimizer, hidden,
 
 
 def resolve_training(cfg: TrainConfig) -> TrainConfig:
-    """Fill the settings left ``None`` from the method's declared paper setting; record the source.
+    """Fill the settings left ``None`` from the method's declared paper setting (the epoch count
+    included); record the source.
 
     Idempotent. A setting the user gave is kept; ``training_source`` then says which were given.
     """
     defaults = method_class(cfg.method).training
-    given = [name for name in FIELDS if getattr(cfg, name) is not None]
+    given = [name for name in (*FIELDS, "epochs") if getattr(cfg, name) is not None]
     if not cfg.training_source:
         source = f"{cfg.method}: {defaults.source}"
         if given:
             source += "; given: " + ", ".join(f"{n.replace('_', '-')} {getattr(cfg, n)}" for n in given)
         cfg = dataclasses.replace(cfg, training_source=source)
-    cfg = dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in FIELDS if getattr(cfg, n) is None})
+    cfg = dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in (*FIELDS, "epochs") if getattr(cfg, n) is None})
     parse_schedule(cfg.schedule)
     return cfg
 

@@ -95,8 +95,9 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
         writer.writeheader()
         writer.writerows(result.epochs)
     c = result.config
-    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size}"
-                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}")
+    role = getattr(result.model, "trained_with", str)()  # what the method's options decide that a reader must see (FiLM's condition)
+    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size} {c.epochs} epoch{'s' if c.epochs != 1 else ''}"
+                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}{f' · {role}' if role else ''}")
     results = {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
                "precision": result.precision, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}

@@ -183,6 +183,7 @@ def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, pro
         model=None) -> FitResult:
     """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once."""
     trainer = Trainer(data, cfg, model)
+    cfg = trainer.cfg  # resolved: the method's epoch count when none was given
     with _progress(progress) as bar:
         task = bar.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.epochs)
 
