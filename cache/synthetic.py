@@ -74,15 +74,15 @@ PRESETS: dict[str, SyntheticSpec] = {
     "av": SyntheticSpec(
         modalities={
             "audio": ModalitySpec(dim=1280, strength=3.0, confusion=0.45, confused="blank"),
-            "visual": ModalitySpec(dim=768, strength=0.8, confusion=0.3, symmetric=True, confused="blank", noise=3.0),
+            "visual": ModalitySpec(dim=768, strength=1.0, confusion=0.4, symmetric=True, confused="blank", noise=1.5),
         },
         **_CREMAD,
     ),
     "avt": SyntheticSpec(
         modalities={
-            "audio": ModalitySpec(dim=1280, strength=0.8, confusion=0.35, symmetric=True, confused="blank", noise=3.0),
-            "visual": ModalitySpec(dim=768, strength=0.8, confusion=0.45, symmetric=True, confused="blank", noise=3.0),
-            "text": ModalitySpec(dim=768, strength=3.0, confusion=0.45, confused="blank"),
+            "audio": ModalitySpec(dim=1280, strength=1.0, confusion=0.45, symmetric=True, confused="blank", noise=1.5),
+            "visual": ModalitySpec(dim=768, strength=1.0, confusion=0.55, symmetric=True, confused="blank", noise=1.5),
+            "text": ModalitySpec(dim=768, strength=3.0, confusion=0.5, confused="blank"),
         },
         **_IEMOCAP,
     ),

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 # Options shared by every training command.
-CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or built-in preset av / avt.")
+CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or a built-in preset: av, avt, av-saturated, avt-saturated, mv6.")
 EPOCHS = typer.Option(100, help="Training epochs; the epoch with the best validation accuracy is kept.")
 LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
 BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
