@@ -131,7 +131,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.reports.convergence import summary_line
         from heads.reports.tables import run_groups
         from heads.sweeps.compare import compare_paper, compare_tune, paper_table
-        from heads.sweeps.tune import parse_tune
+        from heads.sweeps.tune import check_given, parse_tune
         from heads.sweeps.specs import parse_seeds, split_specs
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
@@ -152,8 +152,10 @@ def register(app: typer.Typer, guard) -> None:
         seed_list = parse_seeds(seeds)
         if prune and tune is None:
             raise OptionError("--prune applies to --tune's grids; add --tune")
-        if tune is not None:
-            parse_tune(tune)  # refused before the cache loads
+        if tune is not None:  # refused before the cache loads
+            check_given(parse_tune(tune), {"lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                                           "weight_decay": weight_decay, "schedule": schedule, "hidden": hidden
+                                           if hidden != HIDDEN.default else None, "standardize": None})
         if same_optimizer:
             optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
             schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size

@@ -64,6 +64,13 @@ def parse_tune(text: str) -> dict[str, list[str]]:
     return axes
 
 
+def check_given(tune: dict[str, list[str]], given: dict) -> None:
+    """Refuse a setting both typed as an option (``given``: name → value or None) and tuned."""
+    for name in tune:
+        if given.get(name) is not None:
+            raise OptionError(f"{flag(name)} and --tune {name} both set it; give one")
+
+
 def tune_axes(method: str, tune: dict[str, list[str]], base: TrainConfig) -> dict[str, list]:
     """``method``'s grid: each setting's values checked, factors (``x0.1``) times the method's own value."""
     own = resolve_training(replace(base, method=method, training_source=""))
@@ -128,10 +135,6 @@ def compare_tuned(data: HeadData, specs: list[str], seeds: list[int], base: Trai
     ``prune`` each spec's grid is its own successive-halving sweep (configs compete only with their
     own method's).
     """
-    for name in tune:
-        if name != "epochs" and getattr(base, name) is not None and name in ("lr", "weight_decay", "optimizer",
-                                                                            "schedule", "batch_size"):
-            raise OptionError(f"{flag(name)} and --tune {name} both set it; give one")
     if prune and "epochs" in tune and len(tune["epochs"]) > 1:
         raise OptionError("--prune needs one epoch budget; tune epochs without --prune")
     grids = {spec: tuned_runs(spec, tune_axes(parse_method_spec(spec)[0], tune, base), base, seeds) for spec in specs}
