@@ -17,17 +17,25 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _key_values(text: str) -> dict[str, float]:
-    """``audio=2.5,visual=0.7`` -> ``{"audio": 2.5, "visual": 0.7}``; anything else is a ``ValueError``."""
+def _key_values(text: str, kind=float) -> dict:
+    """``audio=2.5,visual=0.7`` -> ``{"audio": 2.5, "visual": 0.7}``; anything else is a ``ValueError``.
+
+    ``kind`` reads each value: ``float``, ``str`` or ``bool`` (true/false)."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, value = item.partition("=")
         try:
-            out[key] = float(value)
+            if kind is bool:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                out[key] = value.lower() == "true"
+            else:
+                out[key] = kind(value)
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"expected modality=number, got {item!r}")
+            what = {float: "number", str: "value", bool: "true|false"}[kind]
+            raise ValueError(f"expected modality={what}, got {item!r}")
     return out
 
 
@@ -100,17 +108,30 @@ def register(app: typer.Typer, guard) -> None:
     @guard
     def make_synthetic_cmd(
         out: Path = typer.Option(..., "--out", help="Cache folder to create."),
-        preset: str = typer.Option("av", help="av (CREMA-D-like, 2 modalities) or avt (IEMOCAP-like, 3)."),
+        preset: str = typer.Option("av", help="The preset to start from: av, avt (balancing matters), av-saturated, avt-saturated (before issue 25), mv6; README's preset table."),
         seed: int = typer.Option(0, help="Generator seed."),
-        strength: str = typer.Option("", help="Per-modality signal strength, e.g. audio=2.5,visual=0.7."),
-        confusion: str = typer.Option("", help="Per-modality fraction of uninformative samples, e.g. visual=0.2."),
+        strength: str = typer.Option("", help="Per-modality signal strength (class prototype's scale against unit latent noise), e.g. audio=3,visual=1.3."),
+        confusion: str = typer.Option("", help="Per-modality fraction of samples that do not show their class (drawn independently per modality), e.g. visual=0.4."),
+        confused: str = typer.Option("", help="Per-modality: what a confused sample shows, other-class (a random class's prototype: a confident wrong vote) or blank (no signal: the modality abstains), e.g. audio=blank."),
+        noise: str = typer.Option("", help="Per-modality isotropic feature noise (default: --feature-noise); louder hides the signal from an untrained projection, e.g. visual=2."),
+        symmetric: str = typer.Option("", help="Per-modality true|false: the signal is ±prototype with a random sign, invisible to a linear read-out (slow to fit), e.g. visual=true."),
+        classes: int = typer.Option(None, help="Number of classes (named c0, c1, …, balanced) instead of the preset's."),
+        n_trainval: int = typer.Option(None, "--n-trainval", help="Train + validation samples (before --scale)."),
+        n_test: int = typer.Option(None, "--n-test", help="Test samples (before --scale)."),
+        val_fraction: float = typer.Option(None, "--val-fraction", help="Share of train + validation carved out as validation (stratified)."),
+        latent: int = typer.Option(None, help="Dimension of the latent space the prototypes live in."),
+        feature_noise: float = typer.Option(None, "--feature-noise", help="Feature noise of every modality without its own --noise."),
         scale: float = typer.Option(1.0, help="Multiply the preset's sample counts."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (atomically)."),
     ):
-        """Generate a built-in-style imbalanced cache with your own modality strengths."""
+        """Generate a built-in-style imbalanced cache with your own knobs (meta.json records them)."""
         from cache import cache_info
         from cache.synthetic import make_synthetic
 
-        path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale, overwrite)
+        knobs = {"noise": _key_values(noise), "confused": _key_values(confused, str),
+                 "symmetric": _key_values(symmetric, bool)}
+        path = make_synthetic(out, preset, seed, _key_values(strength), _key_values(confusion), scale, overwrite,
+                              {k: v for k, v in knobs.items() if v}, classes=classes, n_trainval=n_trainval,
+                              n_test=n_test, val_fraction=val_fraction, latent=latent, feature_noise=feature_noise)
         info = cache_info(path)
         typer.echo(f"wrote {path}: " + ", ".join(f"{s} {n}" for s, n in info["counts"].items()))

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 # Options shared by every training command.
-CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or built-in preset av / avt.")
+CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or a built-in preset: av, avt, av-saturated, avt-saturated, mv6.")
 EPOCHS = typer.Option(None, help="Training epochs (default: the method's, from its source: 100 for most, mmpareto 50, ccat 150, crmt 140 + 45; `cli.py methods`); the epoch with the best validation accuracy is kept.")
 LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
 BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
@@ -111,6 +111,8 @@ def register(app: typer.Typer, guard) -> None:
         standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
         same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, 100 epochs, or the options given) instead of each paper's."),
+        tune: str = typer.Option(None, "--tune", help="Each method at its best validated setting: a grid per method, selected on validation, test of the selected setting only. 'lr' = the method's lr × 0.1, 1, 10; or lr=1e-4,1e-3,epochs=50,100 (x0.1 = a factor of the method's own)."),
+        prune: bool = typer.Option(False, "--prune", help="With --tune: successive halving within each method's grid."),
     ):
         """Train several methods over several seeds; print and write the paper-style table (mean ± std).
 
@@ -131,7 +133,10 @@ def register(app: typer.Typer, guard) -> None:
         from heads.errors import OptionError
         from heads.methods import METHODS
         from heads.sweeps.compare import compare as run_compare
-        from heads.sweeps.compare import compare_paper, paper_table
+        from heads.reports.convergence import summary_line
+        from heads.reports.tables import run_groups
+        from heads.sweeps.compare import compare_paper, compare_tune, paper_table
+        from heads.sweeps.tune import check_given, parse_tune
         from heads.sweeps.specs import parse_seeds, split_specs
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
@@ -142,11 +147,20 @@ def register(app: typer.Typer, guard) -> None:
             if same_optimizer:
                 raise OptionError("--paper trains each method with its paper's settings; drop --same-optimizer "
                                   "(or give --methods for a same-setting comparison)")
+            if tune is not None:
+                raise OptionError("--paper trains each method with its paper's exact settings; drop --tune "
+                                  "(or give --methods to tune them)")
             printed, first = paper_table(paper)
         else:
             specs = split_specs(methods or ",".join(METHODS))
             first = specs[0].split("[")[0]
         seed_list = parse_seeds(seeds)
+        if prune and tune is None:
+            raise OptionError("--prune applies to --tune's grids; add --tune")
+        if tune is not None:  # refused before the cache loads
+            check_given(parse_tune(tune), {"lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                                           "weight_decay": weight_decay, "schedule": schedule, "hidden": hidden
+                                           if hidden != HIDDEN.default else None, "standardize": None})
         if same_optimizer:
             optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
             schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
@@ -160,8 +174,16 @@ def register(app: typer.Typer, guard) -> None:
         summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on "
                    f"validation · features standardised: {standardize}")
         if paper is None:
-            table, _ = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
+            if tune is None:
+                table, results = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
+            else:
+                table, results, _ = compare_tune(data, specs, seed_list, base, folder, tune, prune, progress=not quiet,
+                                                 workers=workers)
+                summary += " · each method at its best validated setting (--tune; tuned.json)"
             typer.echo(f"{summary}\n{table.rstrip()}")
+            line = summary_line(run_groups(results))
+            if line:
+                typer.echo(line)
             typer.echo(f"written to {folder}")
             return
         body = compare_paper(data, paper, printed, seed_list, base, folder, summary, progress=not quiet,

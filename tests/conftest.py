@@ -41,14 +41,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def small_av(tmp_path_factory) -> Path:
-    """The `av` preset at 15% size (about 1000 train+val, 110 test samples)."""
+    """The `av-saturated` preset (the `av` before issue 25) at 15% size (about 1000 train+val, 110 test samples)."""
     from cache.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("caches") / "av-small", "av", seed=0, scale=0.15)
+    return make_synthetic(tmp_path_factory.mktemp("caches") / "av-small", "av-saturated", seed=0, scale=0.15)
 
 
 @pytest.fixture(scope="session")
 def small_avt(tmp_path_factory) -> Path:
     from cache.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("caches") / "avt-small", "avt", seed=0, scale=0.2)
+    return make_synthetic(tmp_path_factory.mktemp("caches") / "avt-small", "avt-saturated", seed=0, scale=0.2)

@@ -286,7 +286,7 @@ def caches(tmp_path_factory):
     from cache.synthetic import builtin_cache
 
     root = Path(__file__).resolve().parent.parent / "data" / "builtin"
-    return {"av": load_head_data([builtin_cache("av", root)]), "avt": load_head_data([builtin_cache("avt", root)]),
+    return {"av": load_head_data([builtin_cache("av-saturated", root)]), "avt": load_head_data([builtin_cache("avt-saturated", root)]),
             "4m": load_head_data([four_modality_cache(tmp_path_factory.mktemp("c4") / "four")])}
 
 

@@ -402,7 +402,7 @@ def smoke_data(four_modalities):
     root = Path(__file__).resolve().parent.parent / "data" / "builtin"
     out = {"four": load_head_data([four_modalities])}
     for preset in ("av", "avt"):
-        data = load_head_data([builtin_cache(preset, root)])
+        data = load_head_data([builtin_cache(f"{preset}-saturated", root)])
         out[preset] = replace(data, train=data.train.subset(torch.arange(1024)))
     return out
 

@@ -259,7 +259,7 @@ def test_secondary_update_selects_a_fraction_that_rises_with_beta_on_the_builtin
     from cache.synthetic import builtin_cache
     from heads.train.trainer import Trainer
 
-    data = load_head_data([builtin_cache(preset, Path(__file__).resolve().parent.parent / "data" / "builtin")])
+    data = load_head_data([builtin_cache(f"{preset}-saturated", Path(__file__).resolve().parent.parent / "data" / "builtin")])
     trainer = Trainer(data, TrainConfig(method="ccat", epochs=5, seed=0, options={"pretrain_epochs": 2, "secondary": False}))
     trainer.run(5)
     model = trainer.model

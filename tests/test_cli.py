@@ -59,7 +59,7 @@ def test_train_head_writes_a_complete_run_folder(small_av, tmp_path):
     assert (run / "epochs.csv").read_text().splitlines()[0].startswith("epoch,train_loss,val_acc")
     results = json.loads((run / "results.json").read_text())
     assert set(results["test"]["v"]) == {"∅", "audio", "visual", "audio+visual"}
-    assert "| ogm-ge | 1 |" in result.output
+    assert "| ogm-ge ↗ | 1 |" in result.output  # two epochs: still improving, and the table says so
 
 
 def test_compare_prints_mean_and_std_over_seeds(small_av, tmp_path):
@@ -71,6 +71,19 @@ def test_compare_prints_mean_and_std_over_seeds(small_av, tmp_path):
     assert len(rows) == 2 and all("±" in r and "| 2 |" in r for r in rows)
     csv_lines = (tmp_path / "c" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 4
+    assert "convergence: ↗ concat, late" in result.output  # two epochs: compare names the rows still improving
+    assert "conv_flag" in csv_lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--paper", "mla", "--tune", "lr"], "drop --tune"),
+    (["--prune"], "--prune applies to --tune"),
+    (["--tune", "tau=0.1"], "not a training setting"),
+    (["--tune", "lr", "--lr", "0.01", "--methods", "concat"], "--lr and --tune lr both set it"),
+])
+def test_compare_tune_refuses_bad_requests_in_one_line(args, says, tmp_path):
+    result = CliRunner().invoke(cli.app, ["compare", "--cache", "/no/such/cache", "--out", str(tmp_path), *args])
+    assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output
 
 
 def test_import_features_with_and_without_split(tmp_path):

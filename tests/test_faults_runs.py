@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
     """The `av` preset at 5% size: 300 train, 34 validation, 37 test samples."""
     from cache.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("caches") / "av-tiny", "av", seed=0, scale=0.05)
+    return make_synthetic(tmp_path_factory.mktemp("caches") / "av-tiny", "av-saturated", seed=0, scale=0.05)
 
 
 def invoke(*args):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.trains
 def data(tmp_path_factory):
     from cache.synthetic import make_synthetic
 
-    return load_head_data([make_synthetic(tmp_path_factory.mktemp("c") / "av", "av", seed=0, scale=0.05)])
+    return load_head_data([make_synthetic(tmp_path_factory.mktemp("c") / "av", "av-saturated", seed=0, scale=0.05)])
 
 
 def configs(method="concat", **extra):

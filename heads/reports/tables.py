@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from heads.reports.convergence import FOOTNOTE, flagged
 from heads.reports.papers import cell, column_title, notes
 
 
@@ -39,19 +40,35 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
 
 
+def run_groups(results: list[dict]) -> dict[str, list[dict]]:
+    """Each row label's whole ``results.json`` dicts (its seeds), in first-seen order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[r.get("label", r["method"])].append(r)
+    return groups
+
+
+def convergence_notes(marks: dict[str, str]) -> str:
+    """The footnotes of the marks used in a table (``heads/reports/convergence.py``), one line each."""
+    return "".join(f"\n{FOOTNOTE[mark]}\n" for mark in dict.fromkeys(sorted(marks.values())))
+
+
 def results_table(results: list[dict], modalities: list[str], split: str = "test") -> str:
     """A Markdown table, one row per method (mean ± std over its seeds), in first-seen order.
 
     ``results`` are ``results.json`` dicts of runs. Columns follow the EDM paper's Table I: each
     modality's accuracy with its |δ_m| beside it, then multimodal accuracy, macro-F1 and EDM; the
     last column says how the row was trained (optimizer, rate, schedule, batch, standardisation).
+    A row whose runs were still improving (↗) or fell away after their best (↘) is marked after its
+    name, with a footnote under the table saying what to do.
     """
     groups, trained = _grouped(results, split)
+    marks = flagged(run_groups(results))
     show_training = any(trained.values())
     head = ["method", "seeds"] + _metric_columns(modalities) + (["trained with"] if show_training else [])
-    rows = [[name, str(len(runs))] + _metric_cells(runs, modalities) + ([trained[name]] if show_training else [])
-            for name, runs in groups.items()]
-    return _markdown(head, rows)
+    rows = [[f"{name} {marks[name]}" if name in marks else name, str(len(runs))] + _metric_cells(runs, modalities)
+            + ([trained[name]] if show_training else []) for name, runs in groups.items()]
+    return _markdown(head, rows) + convergence_notes(marks)
 
 
 _PAPER_METRIC = {"acc": ("acc multi", "paper acc"), "f1": ("macro-F1", "paper F1"), "edm": ("EDM", "paper EDM")}
@@ -66,6 +83,7 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
     multimodal accuracy (and "paper EDM" after our EDM where the table reports EDM).
     """
     groups, trained = _grouped(results, split)
+    marks = flagged(run_groups(results))
     ours = _metric_columns(modalities)
     head = ["method", f"paper row ({table['table']})", "seeds"]
     for name in ours:
@@ -78,7 +96,8 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
     for prow in rows:
         runs = groups.get(prow.spec, [])
         mine = dict(zip(ours, _metric_cells(runs, modalities))) if runs else {}
-        cells = [prow.spec or prow.row["ours"] or "-", prow.row["row"], str(len(runs)) if runs else (prow.status or "not run")]
+        name = prow.spec or prow.row["ours"] or "-"
+        cells = [f"{name} {marks[prow.spec]}" if prow.spec in marks else name, prow.row["row"], str(len(runs)) if runs else (prow.status or "not run")]
         for name in ours:
             cells.append(mine.get(name, "-"))
             for metric in table["metrics"]:
@@ -86,7 +105,7 @@ def paper_results_table(results: list[dict], modalities: list[str], table: dict,
                     cells += [cell(prow.row, c, metric) for c in columns]
         cells.append(trained.get(prow.spec, "") or "-")
         lines.append(cells)
-    return _markdown(head, lines)
+    return _markdown(head, lines) + convergence_notes({k: v for k, v in marks.items() if k in groups})
 
 
 def paper_reference_table(table: dict, rows: list) -> str:

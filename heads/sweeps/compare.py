@@ -6,6 +6,7 @@ the paper's staged grid, on validation, then the selected setting in the table.
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +15,13 @@ from heads.blocks.data import HeadData
 from heads.errors import OptionError
 from heads.methods import METHODS
 from heads.reports import papers
-from heads.reports.tables import paper_report, results_table
-from heads.sweeps.grid import run_grid
+from heads.reports.convergence import summary_line
+from heads.reports.tables import paper_report, results_table, run_groups
+from heads.sweeps.grid import TIE_RULE, run_grid
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
+from heads.sweeps.tune import compare_tuned, parse_tune
 from heads.train.config import TrainConfig
 
 
@@ -36,15 +39,30 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
         runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
                          {"label": spec}) for seed in seeds]
     results = run_sweep(data, runs, out, workers, progress=progress, label="compare")
+    return write_outputs(results, data, out), results
+
+
+def write_outputs(results: list[dict], data: HeadData, out: Path) -> str:
+    """``table.md`` (returned) and ``results.csv`` of a comparison's runs, one row per run."""
     table = results_table(results, data.spec.modalities)
     (out / "table.md").write_text(table)
     with open(out / "results.csv", "w", newline="") as f:
         rows = [{"label": r["label"], "method": r["method"], "seed": r["seed"], "best_epoch": r["best_epoch"],
-                 "seconds": round(r["seconds"], 3), **{k: v for k, v in r["test"].items() if k != "v"}} for r in results]
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                 "seconds": round(r["seconds"], 3), **{k: v for k, v in r["test"].items() if k != "v"},
+                 **{f"conv_{k}": v for k, v in r.get("convergence", {}).items()}} for r in results]
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
-    return table, results
+    return table
+
+
+def compare_tune(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path, tune: str,
+                 prune: bool = False, progress: bool = True, workers: int = 0) -> tuple[str, list[dict], dict]:
+    """``compare --tune``: each spec at its best validated setting (``heads/sweeps/tune.py``); the table
+    holds the selected settings' runs only, and ``tuned.json`` every spec's grid and selection."""
+    results, selections = compare_tuned(data, specs, seeds, base, out, parse_tune(tune), prune, progress, workers)
+    (out / "tuned.json").write_text(json.dumps({"tune": tune, "tie_rule": TIE_RULE, "selected": selections}, indent=2))
+    return write_outputs(results, data, out), results, selections
 
 
 def paper_table(paper: str) -> tuple[dict, str]:
@@ -74,6 +92,8 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
     _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers)
     body = "\n".join([f"{summary}\n{paper_report(printed, rows, columns, results, data)}".rstrip(), *selected])
+    line = summary_line(run_groups(results))
+    body += f"\n{line}" if line else ""
     (out / "paper.md").write_text(f"{head}\n{body}\n")
     return body
 

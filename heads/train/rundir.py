@@ -19,6 +19,7 @@ from cache import code_version
 from heads.blocks.data import DataSpec, HeadData
 from heads.blocks.device import resolve_device
 from heads.errors import OptionError
+from heads.reports.convergence import diagnose
 from heads.reports.tables import results_table
 from heads.train.config import TrainConfig, build_model
 from heads.train.evaluation import Report
@@ -100,7 +101,8 @@ def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
                 f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}{f' · {role}' if role else ''}")
     results = {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
                "precision": result.precision, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json()}
+               "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json(),
+               "convergence": diagnose(result.epochs, result.best_epoch)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "table.md").write_text(results_table([results], data.spec.modalities))
     torch.save({"config": config, "state": result.model.state_dict()}, run_dir / "model.pt")
