@@ -76,10 +76,10 @@ def friendly(func):
             fail(os_message(err) if err.filename or err.strerror else str(err))
         except MemoryError as err:
             fail(f"out of memory: {err}" if str(err) else "out of memory; use a smaller --hidden, --batch-size or cache")
-        except Terminated:
-            fail("terminated; finished runs are kept, rerun the same command to resume", 143)
-        except KeyboardInterrupt:
-            fail("interrupted; finished runs are kept", 130)
+        except Terminated as err:  # a command that knows more (train-head: how to resume) says it in err
+            fail(str(err) or "terminated; finished runs are kept, rerun the same command to resume", 143)
+        except KeyboardInterrupt as err:
+            fail(str(err) or "interrupted; finished runs are kept, rerun the same command to resume", 130)
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)

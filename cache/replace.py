@@ -100,6 +100,18 @@ def claim(target: Path, what: str = "--out"):
         lock.unlink(missing_ok=True)
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable; the free pages where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_space(folder: Path, need: int) -> None:
     """Refuse before writing when ``need`` bytes cannot fit: the file system's free space, and the
     process's file-size limit (``ulimit -f``; beyond it the kernel stops the writer mid-file)."""

@@ -4,9 +4,9 @@ training settings' checks that the CLI and grid axes share, and building a metho
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
+from cache.replace import available_memory
 from heads.blocks.device import PRECISIONS, DeviceError, resolve_device
 from heads.blocks.domains import LR, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE_INT, SEED, UNIT_OPEN, WIDTH, option
 from heads.blocks.optim import FIELDS, OPTIMIZERS, parse_schedule
@@ -123,18 +123,6 @@ def resolve_training(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in FIELDS if getattr(cfg, n) is None})
     parse_schedule(cfg.schedule)
     return cfg
-
-
-def available_memory() -> int:
-    """Bytes of memory this machine can still give (MemAvailable; the free pages where that is unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_memory(cfg: TrainConfig, spec) -> int:
