@@ -59,8 +59,8 @@ def check_manifest(path: Path, manifest) -> None:
                          f"{', '.join(map(repr, unknown[:3]))}; splits are {', '.join(SPLITS)}")
 
 
-def _read_shard(path: Path, shard_name: str, index: np.ndarray, listed: list[str], mods: list[str],
-                n_classes: int) -> tuple:
+def _read_shard(path: Path, shard_name: str, index: np.ndarray, listed: list[str], listed_labels: np.ndarray,
+                split: str, mods: list[str], n_classes: int) -> tuple:
     """(labels, features, present) of the rows ``index`` of one shard, after the light checks."""
     file = path / shard_name
     if not file.is_file():  # a FIFO, a folder or a device in place of a shard
@@ -77,6 +77,11 @@ def _read_shard(path: Path, shard_name: str, index: np.ndarray, listed: list[str
                 raise CacheError(f"corrupt cache at {path}: row {int(index[first])} of {shard_name} holds sample "
                                  f"{ids[first]!r}, the manifest says {listed[first]!r} (another cache's manifest?)")
             labels = f["labels"][:][index]
+            splits = f["splits"][:][index] if "splits" in f else None
+            if not np.array_equal(labels, listed_labels) or (
+                    splits is not None and any((s.decode() if isinstance(s, bytes) else s) != split for s in splits)):
+                raise CacheError(f"corrupt cache at {path}: shard {shard_name} disagrees with the manifest on the labels "
+                                 f"or splits of the {split} samples (another cache's manifest?); run `cache verify {path}`")
             feats = {m: f[f"features/{m}"][:][index] for m in mods}
             pres = {m: f[f"present/{m}"][:][index] for m in mods}
     except (OSError, KeyError) as err:
@@ -125,7 +130,8 @@ def load_split(path: str | Path, split: str, modalities: list[str] | None = None
     for shard_name, group in rows.group_by("shard", maintain_order=True):
         shard_name = shard_name[0]
         listed = group["sample_id"].to_list()
-        lab, fe, pr = _read_shard(path, shard_name, group["row"].to_numpy(), listed, mods, len(meta["class_names"]))
+        lab, fe, pr = _read_shard(path, shard_name, group["row"].to_numpy(), listed, group["label"].to_numpy(), split,
+                                  mods, len(meta["class_names"]))
         labels.append(lab)
         for m in mods:
             feats[m].append(fe[m])

@@ -65,7 +65,9 @@ def _save(trainer: Trainer, folder: Path, ident: dict) -> None:
     tmp = folder / f".checkpoint.{os.getpid()}.tmp"
     torch.save(trainer.checkpoint(), tmp)
     os.replace(tmp, folder / "checkpoint.pt")
-    (folder / "identity.json").write_text(json.dumps({"epoch": trainer.epoch, "identity": ident}))
+    side = folder / f".identity.{os.getpid()}.tmp"
+    side.write_text(json.dumps({"epoch": trainer.epoch, "identity": ident}))
+    os.replace(side, folder / "identity.json")
 
 
 def resumable_trainer(data: HeadData, cfg: TrainConfig, run_dir: Path, overwrite: bool) -> Trainer:
@@ -107,7 +109,7 @@ def drop(run_dir: Path) -> None:
     folder = resume_dir(run_dir)
     for name in ("checkpoint.pt", "identity.json"):
         (folder / name).unlink(missing_ok=True)
-    for stale in folder.glob(".checkpoint.*.tmp"):
+    for stale in [*folder.glob(".checkpoint.*.tmp"), *folder.glob(".identity.*.tmp")]:
         stale.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
