@@ -315,3 +315,19 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
     mine.mkdir()
     write_folder(tmp_path / "c", False, lambda tmp: (tmp.mkdir(), (tmp / "f").write_text("x")))
     assert not stale.exists() and mine.exists() and (tmp_path / "c" / "f").exists()
+
+
+# --- a sweep rerun under its name with another config ------------------------------------------
+def test_a_compare_rerun_with_other_settings_is_refused_naming_them(world):
+    w = world[0]
+    out = w["root"] / "rerun"
+    base = ["compare", "--methods", "concat", "--cache", w["good"], "--seeds", "1", "--workers", "1", "--hidden", "8",
+            "--device", "cpu", "--out", out, "--name", "c", "--quiet"]
+    assert cli(*base, "--epochs", "1").returncode == 0
+    before = snapshot(out)
+    proc = cli(*base, "--epochs", "2")
+    assert_one_line_error(proc, "--epochs 1 → 2")
+    assert "--overwrite" in proc.stderr and snapshot(out) == before
+    assert cli(*base, "--epochs", "1").returncode == 0  # the same config resumes (nothing to train)
+    assert cli(*base, "--epochs", "2", "--overwrite").returncode == 0
+    assert json.loads((out / "c" / "concat-seed0" / "results.json").read_text())["epochs_run"] == 2
