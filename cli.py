@@ -31,6 +31,7 @@ from pipeline import commands as pipeline_commands  # noqa: E402  (stage one: ex
 
 def fail(message: str, code: int = 2):
     """One clear line on stderr and a non-zero exit: bad input never produces a traceback."""
+    message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())  # one line, always
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 

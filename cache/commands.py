@@ -97,7 +97,7 @@ def register(app: typer.Typer, guard) -> None:
     @guard
     def make_synthetic_cmd(
         out: Path = typer.Option(..., "--out", help="Cache folder to create."),
-        preset: str = typer.Option("av", help="av (CREMA-D-like, 2 modalities) or avt (IEMOCAP-like, 3)."),
+        preset: str = typer.Option("av", help="av (CREMA-D-like, 2 modalities), avt (IEMOCAP-like, 3) or mv6 (6-view handwritten digits)."),
         seed: int = typer.Option(0, help="Generator seed."),
         strength: str = typer.Option("", help="Per-modality signal strength, e.g. audio=2.5,visual=0.7."),
         confusion: str = typer.Option("", help="Per-modality fraction of uninformative samples, e.g. visual=0.2."),
