@@ -31,6 +31,7 @@ from pipeline import commands as pipeline_commands  # noqa: E402  (stage one: ex
 
 def fail(message: str, code: int = 2):
     """One clear line on stderr and a non-zero exit: bad input never produces a traceback."""
+    message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())  # one line, always
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -48,8 +49,19 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def os_message(err: OSError) -> str:
+    """An ``OSError`` as one line with its path(s): permission, not a directory, is a directory, name
+    too long, no space left (``[Errno 28] …`` becomes ``No space left on device: runs/x``)."""
+    if not err.filename:
+        return str(err.strerror or err)
+    where = f"{err.filename}" + (f" → {err.filename2}" if err.filename2 else "")
+    return f"{err.strerror or err}: {where}"
+
+
 def friendly(func):
-    """Turn the tool's own error types, Ctrl-C and SIGTERM into one-line messages."""
+    """Turn the tool's own error types, every OSError and MemoryError, Ctrl-C and SIGTERM into one-line
+    messages: a fault the user can fix (bad input, a full disk, a folder one may not write to, a model
+    too big for the machine) never ends in a traceback."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from cache import CacheError
@@ -59,12 +71,16 @@ def friendly(func):
         previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return func(*args, **kwargs)
-        except (CacheError, OptionError, FileNotFoundError, ValueError) as err:
+        except (CacheError, OptionError, ValueError) as err:
             fail(str(err))
-        except Terminated:
-            fail("terminated; finished runs are kept, rerun the same command to resume", 143)
-        except KeyboardInterrupt:
-            fail("interrupted; finished runs are kept", 130)
+        except OSError as err:
+            fail(os_message(err) if err.filename or err.strerror else str(err))
+        except MemoryError as err:
+            fail(f"out of memory: {err}" if str(err) else "out of memory; use a smaller --hidden, --batch-size or cache")
+        except Terminated as err:  # a command that knows more (train-head: how to resume) says it in err
+            fail(str(err) or "terminated; finished runs are kept, rerun the same command to resume", 143)
+        except KeyboardInterrupt as err:
+            fail(str(err) or "interrupted; finished runs are kept, rerun the same command to resume", 130)
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.replace import write_folder
+from cache.replace import check_space, write_folder
 from cache.store import CacheError
 from cache.writer import write_arrays
 
@@ -56,6 +56,12 @@ def _labels(y: np.ndarray, names, file: Path) -> tuple[np.ndarray, list[str]]:
     labels = y.astype(np.int64)
     if labels.min(initial=0) < 0:
         raise CacheError("labels in 'y' must be non-negative class ids")
+    used = np.unique(labels)
+    if given is None and labels.size and used[-1] + 1 != len(used):
+        # A class list 0…max would hold every unused id (a label of 10,000,000 wrote a 149 MB meta.json).
+        raise CacheError(f"labels in 'y' must be the dense class ids 0…C−1: {len(used)} distinct value(s) up to "
+                         f"{used[-1]}, so {used[-1] + 1 - len(used):,} id(s) are unused; map them to 0…{len(used) - 1} "
+                         f"first, or give class_names")
     classes = given if given is not None else [str(c) for c in range(int(labels.max(initial=-1)) + 1)]
     if labels.size and labels.max() >= len(classes):
         raise CacheError(f"label {labels.max()} has no entry in class_names ({len(classes)} names)")
@@ -70,6 +76,9 @@ def _modality(m: str, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """
     if x.shape[0] != n:
         raise CacheError(f"x_{m} has {x.shape[0]} rows for {n} labels")
+    if x.dtype.kind == "c":  # float32 would drop the imaginary part without a word
+        raise CacheError(f"x_{m} holds complex numbers (dtype {x.dtype}); store real features, e.g. the real and "
+                         f"imaginary parts side by side")
     try:
         x = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError):
@@ -131,6 +140,9 @@ def import_npz(file: str | Path, out: str | Path, dataset: str, seed: int = 0,
     empty = [s for s, c in counts.items() if not c]
     if empty:
         raise CacheError(f"{file.name}: no {' and no '.join(empty)} samples: {fix}")
+    out = Path(out)
+    # float16 on disk; 10% and 1 MiB for HDF5's own structures and the manifest (choice)
+    check_space(out.parent, int(sum(x.size for x in features.values()) * 2 * 1.1) + 2**20)
     path = write_folder(out, overwrite, lambda tmp: write_arrays(
         tmp, dataset=dataset, backbone=f"imported:{file.name}", features=features, labels=labels, splits=splits,
         class_names=class_names, present=present, split_rule=rule))

@@ -61,12 +61,16 @@ def load_meta(path: str | Path) -> dict:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CacheError(f"corrupt cache at {path}: meta.json is unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise CacheError(f"corrupt cache at {path}: meta.json holds a {type(meta).__name__}, not an object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(f"cache at {path} has schema version {version}, this tool reads version {SCHEMA_VERSION}")
     for key in ("modalities", "class_names"):
         if key not in meta:
             raise CacheError(f"corrupt cache at {path}: meta.json lacks {key!r}")
+    if not isinstance(meta["class_names"], list) or not isinstance(meta["modalities"], dict):
+        raise CacheError(f"corrupt cache at {path}: meta.json's class_names must be a list, modalities an object")
     return meta
 
 

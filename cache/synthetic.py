@@ -28,7 +28,7 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 
-from cache.replace import write_folder
+from cache.replace import available_memory, check_space, write_folder
 from cache.store import CacheError
 from cache.writer import write_arrays
 
@@ -220,6 +220,13 @@ def make_synthetic(
     rng = np.random.default_rng(seed)
     n_tv, n_test = max(int(spec.n_trainval * scale), 2 * len(spec.classes)), max(int(spec.n_test * scale), len(spec.classes))
     n = n_tv + n_test
+    values = n * sum(ms.tokens * ms.dim + spec.latent for ms in mods.values())
+    # float64 intermediates and float32 features, about three copies at a time (choice: 24 bytes a value)
+    need, have = 24 * values, available_memory()
+    if need > have:
+        raise MemoryError(f"--scale {scale:g} makes {n:,} samples, which need about {need / 2**30:,.1f} GiB of memory "
+                          f"to generate; this machine has {have / 2**30:,.1f} GiB available — use a smaller --scale")
+    check_space(Path(out).parent, 2 * values + 2**20)  # float16 on disk
     weights = np.asarray(spec.class_weights or [1.0] * len(spec.classes), float)
     labels = rng.choice(len(spec.classes), size=n, p=weights / weights.sum())
     with TemporaryDirectory(prefix="synthetic-", dir=Path(out).parent if Path(out).parent.exists() else None) as scratch:

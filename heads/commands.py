@@ -15,6 +15,9 @@ import typer
 
 # Options shared by every training command.
 CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or a built-in preset: av, avt, av-saturated, avt-saturated, mv6.")
+NONFINITE = typer.Option(False, "--allow-nonfinite", help="Set NaN/inf feature values to 0 (with a warning giving their count) instead of refusing the cache.")
+JOIN = typer.Option("exact", "--join", help="Joined caches (--cache a,b): exact (refuse when their sample ids differ) or inner (train on the shared ids; says how many each side loses).")
+SWEEP_OVERWRITE = typer.Option(False, "--overwrite", help="Retrain runs that --name holds with another config (without it a rerun with other settings is refused, naming them).")
 EPOCHS = typer.Option(None, help="Training epochs (default: the method's, from its source: 100 for most, mmpareto 50, ccat 150, crmt 140 + 45; `cli.py methods`); the epoch with the best validation accuracy is kept.")
 LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
 BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
@@ -27,7 +30,7 @@ MISS_TRAIN = typer.Option(0.0, "--missing-train", help="Mask each modality with 
 MISS_TEST = typer.Option(0.0, "--missing-test", help="Mask each modality with this rate at test only (EDM paper, Table VI).")
 MODALITIES = typer.Option(None, "--modalities", help="Use only these modalities (comma-separated).")
 OUT = typer.Option(Path("runs"), "--out", help="Folder for run folders.")
-QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+QUIET = typer.Option(False, "--quiet", help="No progress (a bar on a terminal; off one, a line with rate and ETA at most every 30 s).")
 WORKERS = typer.Option(0, help="Worker processes, one thread each (0 = one per core on the CPU, 1 = in this process; on a GPU runs share this process).")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N.")
 PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or auto (bf16 only on a CPU with native bf16 where a probe finds it faster; recorded in results.json).")
@@ -53,7 +56,7 @@ def register(app: typer.Typer, guard) -> None:
     def train_head(
         ctx: typer.Context,
         method: str = typer.Option("concat", help="Method name; `cli.py methods` lists them and their options."),
-        cache: str = CACHE, epochs: int = EPOCHS,
+        cache: str = CACHE, allow_nonfinite: bool = NONFINITE, join: str = JOIN, epochs: int = EPOCHS,
         seed: int = typer.Option(0, help="Seed for initialisation, shuffling and masks."),
         lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM, hidden: int = HIDDEN,
         weight_decay: float = WD, missing_train: float = MISS_TRAIN, missing_test: float = MISS_TEST,
@@ -68,12 +71,14 @@ def register(app: typer.Typer, guard) -> None:
         Writes runs/<name>/: config.json (resolved), epochs.csv, results.json, table.md, model.pt.
         An existing run of the same --name is refused unless --overwrite; --name is a folder name inside --out.
         """
+        from cache.replace import claim
         from cache.synthetic import resolve_caches
         from heads.blocks.data import load_head_data
         from heads.errors import OptionError
         from heads.methods import method_class
         from heads.train.config import config_from_options
         from heads.train.options import parse_option_args
+        from heads.train.resume import checkpointer, drop, resumable_trainer
         from heads.train.rundir import run_folder, timestamp, write_whole
         from heads.train.trainer import fit
 
@@ -90,9 +95,24 @@ def register(app: typer.Typer, guard) -> None:
                             shapley_permutations)
         if name is not None:
             new_run(name)  # refused before the cache loads
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
-        run_dir = new_run(name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
-        result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet))
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
+        run_dir = run_folder(out, name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
+        # How to come back to this run after a stop: the same command, with --name when it was generated.
+        again = "rerun the same command" + ("" if name else f" with --name {run_dir.name}")
+        with claim(run_dir, "run"):  # a second writer of the same name gets one line, not a lost run
+            new_run(run_dir.name)
+            trainer = resumable_trainer(data, cfg, run_dir, overwrite)
+            if trainer.epoch:
+                typer.echo(f"resuming {run_dir} from its checkpoint at epoch {trainer.epoch}/{trainer.cfg.epochs}", err=True)
+            elif not name and not quiet:
+                typer.echo(f"training into {run_dir}; if it is stopped, {again} to resume", err=True)
+            try:
+                result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet, trainer=trainer,
+                                                                on_epoch=checkpointer(run_dir, cfg, data)))
+            except KeyboardInterrupt as err:
+                raise type(err)(f"{'terminated' if type(err) is not KeyboardInterrupt else 'interrupted'} at epoch "
+                                f"{trainer.epoch}/{trainer.cfg.epochs}; its checkpoint is kept: {again} to resume") from None
+            drop(run_dir)
         typer.echo((run_dir / "table.md").read_text().rstrip())
         typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs} · {result.seconds:.1f} s · {run_dir}")
 
@@ -103,13 +123,14 @@ def register(app: typer.Typer, guard) -> None:
         methods: str = typer.Option(None, help="Comma-separated method specs, NAME[key=value;...] sets options (default: every method)."),
         paper: str = typer.Option(None, "--paper", help="edm, mla, ccat or balancemm: run the methods of that paper's main table (BalanceMM: its results table) that this tool has, each with its own training settings, and print the paper's numbers beside ours."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
-        cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
+        cache: str = CACHE, allow_nonfinite: bool = NONFINITE, join: str = JOIN, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
         hidden: int = HIDDEN, weight_decay: float = WD, missing_train: float = MISS_TRAIN,
         missing_test: float = MISS_TEST, modalities: str = MODALITIES,
         name: str = typer.Option(None, help="Folder name under --out (default: compare-time); an existing folder of that name is resumed."),
         out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
         standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        overwrite: bool = SWEEP_OVERWRITE,
         same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, 100 epochs, or the options given) instead of each paper's."),
         tune: str = typer.Option(None, "--tune", help="Each method at its best validated setting: a grid per method, selected on validation, test of the selected setting only. 'lr' = the method's lr × 0.1, 1, 10; or lr=1e-4,1e-3,epochs=50,100 (x0.1 = a factor of the method's own)."),
         prune: bool = typer.Option(False, "--prune", help="With --tune: successive halving within each method's grid."),
@@ -170,12 +191,13 @@ def register(app: typer.Typer, guard) -> None:
                                    precision=precision, epoch_subsets=epoch_subsets,
                                    shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
         summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on "
                    f"validation · features standardised: {standardize}")
         if paper is None:
             if tune is None:
-                table, results = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers)
+                table, results = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers,
+                                             overwrite=overwrite)
             else:
                 table, results, _ = compare_tune(data, specs, seed_list, base, folder, tune, prune, progress=not quiet,
                                                  workers=workers)
@@ -187,7 +209,7 @@ def register(app: typer.Typer, guard) -> None:
             typer.echo(f"written to {folder}")
             return
         body = compare_paper(data, paper, printed, seed_list, base, folder, summary, progress=not quiet,
-                             workers=workers, echo=typer.echo)
+                             workers=workers, echo=typer.echo, overwrite=overwrite)
         typer.echo(body)
         typer.echo(f"written to {folder} (paper.md beside table.md)")
 
@@ -198,7 +220,7 @@ def register(app: typer.Typer, guard) -> None:
         ctx: typer.Context,
         method: str = typer.Option(..., help="Method to tune; `cli.py methods` lists its options."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
-        cache: str = CACHE, epochs: int = EPOCHS,
+        cache: str = CACHE, allow_nonfinite: bool = NONFINITE, join: str = JOIN, epochs: int = EPOCHS,
         prune: bool = typer.Option(False, help="Successive halving: the worse half of the configs stops at E/8, E/4, E/2."),
         protocol: str = typer.Option("joint", help="joint (every combination of the axes) or ccat (--rank first, then --beta at the best rank)."),
         workers: int = WORKERS,
@@ -209,6 +231,7 @@ def register(app: typer.Typer, guard) -> None:
         keep_models: bool = typer.Option(False, "--keep-models", help="Keep model.pt of every run (default: only the selected config's runs keep theirs)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        overwrite: bool = SWEEP_OVERWRITE,
         stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
     ):
         """Tune a method over seeds and select on validation; axes follow as --name values.
@@ -233,9 +256,9 @@ def register(app: typer.Typer, guard) -> None:
         base = config_from_options(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0, device=device,
                              precision=precision, epoch_subsets=epoch_subsets, shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"grid-{method}-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
         outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet,
-                           yes=yes, keep_models=keep_models, stack=stack)
+                           yes=yes, keep_models=keep_models, stack=stack, overwrite=overwrite)
         sel = outcome.selection
         typer.echo((folder / "grid.md").read_text().rstrip())
         typer.echo(f"selected on validation: {sel.config} · val {sel.val_mean:.2f} ± {sel.val_std:.2f} · "
@@ -252,12 +275,13 @@ def register(app: typer.Typer, guard) -> None:
         missing: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5", help="Missing rates η in [0, 1), comma-separated (0 is always added); each modality loses exactly η of its samples, so η ≤ (M−1)/M."),
         protocol: str = typer.Option("both", help="mla (masked in train, val and test), test-only (masked at test only) or both."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
-        cache: str = CACHE, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
+        cache: str = CACHE, allow_nonfinite: bool = NONFINITE, join: str = JOIN, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIM,
         hidden: int = HIDDEN, weight_decay: float = WD, modalities: str = MODALITIES,
         workers: int = WORKERS,
         name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
         device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        overwrite: bool = SWEEP_OVERWRITE,
     ):
         """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -277,8 +301,9 @@ def register(app: typer.Typer, guard) -> None:
                              schedule=schedule, standardize=standardize, device=device, precision=precision,
                              shapley_permutations=shapley_permutations)
         folder = run_folder(out, name or f"robustness-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), feature_dtype)
-        run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet)
+        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
+        run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet,
+                       overwrite=overwrite)
         typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on validation")
         typer.echo((folder / "robustness.md").read_text().rstrip())
         typer.echo(f"written to {folder} (robustness.json, .parquet, .csv, .md, .png)")

@@ -37,6 +37,8 @@ def _one_line_errors(func):
             _fail(str(err))
         except OSError as err:  # the disk, not the code: a full disk, a folder one may not write to
             _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+        except MemoryError as err:
+            _fail(f"out of memory: {err}" if str(err) else "out of memory; use a smaller --batch-size")
         except KeyboardInterrupt:
             _fail("interrupted; whole shards are kept: rerun the same command to resume", 130)
 

@@ -220,7 +220,13 @@ def test_changed_settings_are_not_taken_for_stored_runs(joint, data, tmp_path, m
     folder = tmp_path / "joint"
     shutil.copytree(joint.folder, folder)
     trained = count_epochs(monkeypatch)
-    grid.run_grid(data, "edm", {"tau": [0.1, 0.5, 0.9]}, [0, 1], replace(BASE, lr=3e-3), folder, workers=1, progress=False)
+    # Issue 21: another config under the same name is refused, naming the setting, unless overwrite.
+    with pytest.raises(OptionError, match=r"--lr \S+ → 0.003"):
+        grid.run_grid(data, "edm", {"tau": [0.1, 0.5, 0.9]}, [0, 1], replace(BASE, lr=3e-3), folder, workers=1,
+                      progress=False)
+    assert sum(trained.values()) == 0
+    grid.run_grid(data, "edm", {"tau": [0.1, 0.5, 0.9]}, [0, 1], replace(BASE, lr=3e-3), folder, workers=1, progress=False,
+                  overwrite=True)
     assert sum(trained.values()) == 3 * 2 * 4
 
 

@@ -25,17 +25,21 @@ class DeviceError(ValueError):
 
 def resolve_device(name: str | None) -> torch.device:
     """``auto`` → the first CUDA device when torch sees one, else the CPU; ``cuda[:N]`` must exist."""
+    if name is not None and not name.strip():  # --device '' is a typo, not a request for auto
+        raise DeviceError("--device is empty; give auto, cpu, cuda or cuda:N")
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        if name.startswith("cuda:") and not index.isdigit():  # checked first: a typo is not "no CUDA"
+            raise DeviceError(f"--device {name}: the part after 'cuda:' must be a device number, e.g. cuda:0")
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}); "
                               "use --device cpu or auto")
-        index = name.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        if index and int(index) >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: this machine has CUDA devices 0–{torch.cuda.device_count() - 1}")
         return torch.device(name)
     raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")

@@ -78,7 +78,7 @@ def parse_schedule(text: str) -> tuple[str, int, float]:
             step, gamma = int(parts[1]), float(parts[2])
         except ValueError:
             step, gamma = 0, 0.0
-        if step >= 1 and gamma > 0:
+        if step >= 1 and 0 < gamma < math.inf:  # an infinite γ trains to NaN
             return "step", step, gamma
     raise ValueError(f"--schedule must be none, cosine or step:EPOCHS:GAMMA (e.g. step:70:0.1), got {text!r}")
 

@@ -68,21 +68,22 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
 from heads.blocks.modules import BiCrossAttention, LoRA
 from heads.methods.base import HeadMethod, Training, make_optimizer, mean_probability_logits, projections
 
 
 @dataclass
 class CCATOptions:
-    pretrain_epochs: int = field(default=-1, metadata={"help": "stage-1 (classifier pretraining) epochs; -1 = 30% of the run, 0 = none"})
-    lambda_reg: float = field(default=0.001, metadata={"help": "λ of the contribution regulariser in stage 1"})
-    rank: int = field(default=2, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA scale α (the paper fixes α = 1)"})
+    pretrain_epochs: int = field(default=-1, metadata={"domain": NONNEGATIVE_INT | (-1,), "help": "stage-1 (classifier pretraining) epochs; -1 = 30% of the run, 0 = none"})
+    lambda_reg: float = field(default=0.001, metadata={"domain": NONNEGATIVE, "help": "λ of the contribution regulariser in stage 1"})
+    rank: int = field(default=2, metadata={"domain": POSITIVE_INT, "help": "LoRA rank r"})
+    lora_alpha: float = field(default=1.0, metadata={"domain": NONNEGATIVE, "help": "LoRA scale α (the paper fixes α = 1)"})
     lora_scaling: Literal["none", "alpha-over-rank"] = field(default="none", metadata={"help": "output × α (eq. 9, default) or × α/r (LoRA paper; couples rank and step size)"})
-    beta: float = field(default=0.15, metadata={"help": "secondary-update threshold β on a sample's contribution c"})
-    temperature: float = field(default=1.0, metadata={"help": "InfoNCE temperature of the contributions (1 = the paper's formula, none)"})
-    heads: int = field(default=4, metadata={"help": "attention heads of the cross-attention blocks"})
-    ffn_mult: int = field(default=4, metadata={"help": "FFN width of the cross-attention blocks, × hidden"})
+    beta: float = field(default=0.15, metadata={"domain": NONNEGATIVE, "help": "secondary-update threshold β on a sample's contribution c"})
+    temperature: float = field(default=1.0, metadata={"domain": POSITIVE, "help": "InfoNCE temperature of the contributions (1 = the paper's formula, none)"})
+    heads: int = field(default=4, metadata={"domain": POSITIVE_INT, "help": "attention heads of the cross-attention blocks"})
+    ffn_mult: int = field(default=4, metadata={"domain": POSITIVE_INT, "help": "FFN width of the cross-attention blocks, × hidden"})
     freeze: bool = field(default=True, metadata={"help": "freeze the classifier in stage 2 (--no-freeze for the ablation)"})
     alternate: bool = field(default=True, metadata={"help": "one step per modality (--no-alternate: one joint step)"})
     secondary: bool = field(default=True, metadata={"help": "secondary update of samples with c < β"})
@@ -140,6 +141,8 @@ class CCAT(HeadMethod):
         if len(self.modalities) < 2:
             raise ValueError("ccat needs at least two modalities")
         d = cfg.hidden
+        if d % opts.heads:  # multi-head attention splits d into equal heads
+            raise ValueError(f"ccat: --heads {opts.heads} must divide the hidden width --hidden {d}")
         self.proj = projections(spec, d)
         self.fusion = BiCrossAttention(self.modalities, d, opts.heads, opts.ffn_mult)
         self.cls = nn.Linear(d, spec.num_classes)

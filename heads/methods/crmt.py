@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE
 from heads.methods.base import Training, encode
 from heads.methods.concat import Concat
 
@@ -70,10 +71,10 @@ _LOG_EPS = math.log(1e-5)  # the code's ε inside the margin term's log
 
 @dataclass
 class CRMTOptions:
-    rho: float = field(default=2.0, metadata={"help": "ρ: weight of the unimodal margin regulariser in step 1 (eq. 12; configs since 9f42759: 2.0, initial commit 1.0)"})
-    second_step_epochs: int = field(default=-1, metadata={"help": "epochs of step 2 at the end of the run, the Lipschitz sweep included; -1 = 45/185 of the run (45 of the default 185), 0 = step 1 only"})
-    a_lr_factor: float = field(default=0.03, metadata={"help": "step 2's learning rate for the integration weights a, as a multiple of the base lr (code: 0.03)"})
-    a_weight_decay: float = field(default=1e-2, metadata={"help": "step 2's weight decay on a (code: 1e-2)"})
+    rho: float = field(default=2.0, metadata={"domain": NONNEGATIVE, "help": "ρ: weight of the unimodal margin regulariser in step 1 (eq. 12; configs since 9f42759: 2.0, initial commit 1.0)"})
+    second_step_epochs: int = field(default=-1, metadata={"domain": NONNEGATIVE_INT | (-1,), "help": "epochs of step 2 at the end of the run, the Lipschitz sweep included; -1 = 45/185 of the run (45 of the default 185), 0 = step 1 only"})
+    a_lr_factor: float = field(default=0.03, metadata={"domain": POSITIVE, "help": "step 2's learning rate for the integration weights a, as a multiple of the base lr (code: 0.03)"})
+    a_weight_decay: float = field(default=1e-2, metadata={"domain": NONNEGATIVE, "help": "step 2's weight decay on a (code: 1e-2)"})
 
 
 def orthonormal_rows(w: torch.Tensor) -> torch.Tensor:

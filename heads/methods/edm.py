@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import UNIT_OPEN, WIDTH
 from heads.blocks.modules import Alignment, MemoryCell
 from heads.methods.base import HeadMethod, Training, projections
 from heads.metrics import weak_to_strong
@@ -53,15 +54,15 @@ class Started:
 
 @dataclass
 class EDMOptions:
-    tau: float = field(default=0.5, metadata={"help": "alignment threshold τ in [0, 1): keep similarities > τ"})
+    tau: float = field(default=0.5, metadata={"domain": UNIT_OPEN, "help": "alignment threshold τ in [0, 1): keep similarities > τ"})
     gate: Literal["threshold", "learnable"] = field(default="threshold", metadata={"help": "hard threshold τ or the learnable gate σ(g(S))"})
     order: Literal["weak-to-strong", "strong-to-weak", "random", "fixed"] = field(default="weak-to-strong", metadata={"help": "how the chain order is chosen each epoch"})
     initial_order: str = field(default="", metadata={"help": "order of epoch 1, e.g. visual,audio (default: the cache's order)"})
     align: bool = field(default=True, metadata={"help": "cross-modal alignment (off: a_k = 0)"})
     memory: bool = field(default=True, metadata={"help": "LSTM-style memory cell (off: H_k = h_k + a_k)"})
     inherit: bool = field(default=True, metadata={"help": "inherit (H_0, C_0) across batches and epochs (off: zeros)"})
-    inherit_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the inherited state"})
-    memory_dim: int = field(default=64, metadata={"help": "width of the memory state H, C (0 = the hidden width d)"})
+    inherit_momentum: float = field(default=0.9, metadata={"domain": UNIT_OPEN, "help": "EMA momentum of the inherited state"})
+    memory_dim: int = field(default=64, metadata={"domain": WIDTH | (0,), "help": "width of the memory state H, C (0 = the hidden width d)"})
 
 
 class EDM(HeadMethod):

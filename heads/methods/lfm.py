@@ -64,6 +64,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, POSITIVE
 from heads.methods.base import Training, encode
 from heads.methods.late import Late
 
@@ -72,9 +73,9 @@ _MASKED = -1e4  # a similarity no pair reaches (|S| ≤ 1/τ)
 
 @dataclass
 class LFMOptions:
-    decay: float = field(default=0.3, metadata={"help": "a in α_t = clip(exp(−a·t), 0.05, 0.95), the contrastive weight at 0-based epoch t"})
+    decay: float = field(default=0.3, metadata={"domain": NONNEGATIVE, "help": "a in α_t = clip(exp(−a·t), 0.05, 0.95), the contrastive weight at 0-based epoch t"})
     matching: Literal["code", "infonce", "js"] = field(default="code", metadata={"help": "alignment term: code = ½[KL(m‖p)+KL(m‖q)] of the unimodal predictions (what the official code runs), infonce = InfoNCE of the projections, js = Jensen–Shannon ½[KL(p‖m)+KL(q‖m)]"})
-    temperature: float = field(default=0.07, metadata={"help": "τ of the InfoNCE similarities"})
+    temperature: float = field(default=0.07, metadata={"domain": POSITIVE, "help": "τ of the InfoNCE similarities"})
 
 
 def contrastive_weight(epoch: int, decay: float) -> float:

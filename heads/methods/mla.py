@@ -53,12 +53,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import POSITIVE
 from heads.methods.base import HeadMethod, Training, projections
 
 
 @dataclass
 class MLAOptions:
-    alpha: float = field(default=0.1, metadata={"help": "RLS regulariser α of eq. 5 (base value of the code schedule)"})
+    alpha: float = field(default=0.1, metadata={"domain": POSITIVE, "help": "RLS regulariser α of eq. 5 (base value of the code schedule)"})
     alpha_schedule: Literal["constant", "code"] = field(default="constant", metadata={"help": "constant α (paper) or α·0.1^(batch/n_batches) within each epoch (public code)"})
     frobenius: bool = field(default=False, metadata={"help": "divide P by its Frobenius norm after each update (public code; ~1/√d smaller gradient)"})
     gradient: Literal["replace", "add"] = field(default="replace", metadata={"help": "G ← G·P (paper, official code) or G ← G + G·P (BalanceMM)"})

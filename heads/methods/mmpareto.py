@@ -49,13 +49,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import POSITIVE
 from heads.methods.base import Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class MMParetoOptions:
-    boost: float = field(default=1.5, metadata={"help": "γ: the integrated gradient is multiplied by it (official code: 1.5; 1 = no boost)"})
+    boost: float = field(default=1.5, metadata={"domain": POSITIVE, "help": "γ: the integrated gradient is multiplied by it (official code: 1.5; 1 = no boost)"})
     rescale: bool = field(default=True, metadata={"help": "rescale the integrated gradient to the plain sum's norm when that is larger (--no-rescale: direction only)"})
 
 

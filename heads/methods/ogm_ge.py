@@ -45,16 +45,17 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE_INT
 from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class OGMOptions:
-    alpha: float = field(default=0.8, metadata={"help": "modulation strength α (0.8 CREMA-D, 0.1 VGGSound)"})
+    alpha: float = field(default=0.8, metadata={"domain": NONNEGATIVE, "help": "modulation strength α (0.8 CREMA-D, 0.1 VGGSound)"})
     coeff_form: Literal["paper", "shifted"] = field(default="paper", metadata={"help": "k = 1 − tanh(α·ρ) for ρ > 1 (paper eq. 10), or 1 − tanh(α·(ρ−1)) (shifted, not the paper's)"})
-    modulation_start: int = field(default=1, metadata={"help": "first epoch with modulation (1-based)"})
-    modulation_end: int = field(default=51, metadata={"help": "last epoch with modulation (the code's 0–50 of 100)"})
+    modulation_start: int = field(default=1, metadata={"domain": POSITIVE_INT, "help": "first epoch with modulation (1-based)"})
+    modulation_end: int = field(default=51, metadata={"domain": NONNEGATIVE_INT, "help": "last epoch with modulation (the code's 0–50 of 100)"})
     ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, σ²) to the modulated gradients (GE)"})
     noise_std: Literal["unscaled", "scaled"] = field(default="unscaled", metadata={"help": "σ = std of the gradient before (code) or after scaling by k (earlier code)"})
     ratio: Literal["mean", "sum"] = field(default="mean", metadata={"help": "M > 2: ρ_m = s_m / mean of the others' s (choice), or / their sum with the first modality modulated when none exceeds 1 (MLA's code)"})

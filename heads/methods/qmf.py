@@ -59,15 +59,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, POSITIVE
 from heads.methods.base import FIELD_PROTOCOL, Training
 from heads.methods.late import Late
 
 
 @dataclass
 class QMFOptions:
-    temperature: float = field(default=1.0, metadata={"help": "energy temperature T: E = −T·logsumexp(f/T) (code: 1)"})
-    weight_scale: float = field(default=0.1, metadata={"help": "fusion weight w = scale·(−E) (code: 1/10)"})
-    rank_weight: float = field(default=0.1, metadata={"help": "λ of the ranking regulariser (RGB-D code and MLA's A-V run: 0.1; text-image code: 1)"})
+    temperature: float = field(default=1.0, metadata={"domain": POSITIVE, "help": "energy temperature T: E = −T·logsumexp(f/T) (code: 1)"})
+    weight_scale: float = field(default=0.1, metadata={"domain": NONNEGATIVE, "help": "fusion weight w = scale·(−E) (code: 1/10)"})
+    rank_weight: float = field(default=0.1, metadata={"domain": NONNEGATIVE, "help": "λ of the ranking regulariser (RGB-D code and MLA's A-V run: 0.1; text-image code: 1)"})
 
 
 class QMF(Late):

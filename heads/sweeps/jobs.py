@@ -5,7 +5,6 @@ stacked trainer all carry them out through ``open_run`` and ``close_run``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from heads.blocks.data import HeadData, realised_missing
 from heads.sweeps import workers
 from heads.train.config import TrainConfig, resolve_training
 from heads.train.evaluation import evaluate
-from heads.train.options import resolve_options
+from heads.train.resume import identity
 from heads.train.rundir import load_run
 from heads.train.trainer import Trainer, masked_splits
 
@@ -57,15 +56,6 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def identity(cfg: TrainConfig, data: HeadData) -> dict:
-    """What a run's results depend on; a stored run is reused only when this matches (threads aside)."""
-    train = dataclasses.asdict(resolve_training(cfg))
-    for where in ("threads", "device"):  # how fast, not what: a grid may resume on another device
-        train.pop(where, None)
-    train["options"] = resolve_options(cfg.method, cfg.options)
-    return {"train": json.loads(json.dumps(train)), "caches": list(data.meta["caches"])}
 
 
 def masked_test(model, data: HeadData, cfg: TrainConfig, rate: float) -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 
+from heads.blocks.domains import SEED
 from heads.errors import OptionError
-from heads.train.options import resolve_options
+from heads.train.options import check_value, resolve_options
 
 # A grid that cannot end is refused before anything is built: no axis, seed list or grid may exceed
 # MAX_RUNS (a range's length is computed from its ends, never by listing it).
@@ -26,7 +27,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
         if "=" not in item:
             raise OptionError(f"method spec {spec!r}: {item!r} is not key=value")
         key, value = item.split("=", 1)
-        given[key.strip()] = value.strip()
+        key = key.strip()
+        if key.replace("-", "_") in {k.replace("-", "_") for k in given}:
+            raise OptionError(f"method spec {spec!r} sets {key!r} twice; give each option once")
+        given[key] = value.strip()
     resolved = resolve_options(name, given)
     return name, {k: resolved[k.replace("-", "_")] for k in given}
 
@@ -53,9 +57,14 @@ def parse_seeds(text: str) -> list[int]:
     text = text.strip()
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            seeds = [check_value("--seeds", int(s), SEED) for s in text.split(",") if s.strip()]
+            if not seeds:
+                raise OptionError(f"--seeds {text!r} lists no seed; give a count (3) or a list (0,5,9)")
+            return seeds
         count = int(text)
-    except ValueError:
+    except ValueError as err:
+        if isinstance(err, OptionError):
+            raise
         raise OptionError(f"--seeds takes a count (3) or a list (0,5,9), got {text!r}") from None
     if count < 1:
         raise OptionError("--seeds N is a count of seeds (3 → 0,1,2) and must be at least 1; "

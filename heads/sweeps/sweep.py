@@ -35,24 +35,29 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+from cache.replace import claim
 from heads.blocks.data import HeadData
 from heads.blocks.device import resolve_device
+from heads.blocks.progress import Progress
 from heads.errors import OptionError
 from heads.sweeps.jobs import Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, work
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
 from heads.sweeps.workers import Workers, default_workers
 from heads.train.config import build_model, resolve_training
+from heads.train.resume import differences
 
 
 def validate(specs: list[RunSpec], data: HeadData) -> None:
     """Build each distinct config's model and optimizer once, and draw each distinct missing rate's masks
-    once, so a bad value or an unreachable η fails before any training."""
+    once, so a bad value or an unreachable η fails before any training. A rate is checked on the
+    splits it masks: ``missing_train`` on all three, a test-only rate on the test split alone."""
     seen = set()
-    for rate in sorted({s.cfg.missing_train for s in specs} | {s.cfg.missing_test for s in specs} |
-                       {r for s in specs for r in s.test_rates}):
-        for split in (data.train, data.val, data.test):
+    everywhere = {s.cfg.missing_train for s in specs}
+    test_only = ({s.cfg.missing_test for s in specs} | {r for s in specs for r in s.test_rates}) - everywhere
+    checks = [(rate, (data.train, data.val, data.test)) for rate in sorted(everywhere)]
+    checks += [(rate, (data.test,)) for rate in sorted(test_only)]
+    for rate, splits in checks:
+        for split in splits:
             try:
                 split.with_missing(rate, 0)
             except ValueError as err:
@@ -121,7 +126,10 @@ def _chain(spec: RunSpec, folder: Path, start: int, until: int, finish: bool, pi
 class _State:
     """What the sweep folder already holds for each run: a finished record, or a checkpoint epoch."""
 
-    def __init__(self, folder: Path, specs: list[RunSpec], data: HeadData):
+    def __init__(self, folder: Path, specs: list[RunSpec], data: HeadData, overwrite: bool = False):
+        """Read what ``folder`` holds. A finished run or checkpoint of another resolved config under a
+        run's name is refused unless ``overwrite`` (then it is retrained): the same ``--name`` resumes
+        the same sweep, it does not silently replace finished runs with other settings."""
         self.finished: dict[str, dict] = {}
         self.epoch: dict[str, int] = {}
         self.curve: dict[str, list[float]] = {}
@@ -129,6 +137,7 @@ class _State:
             shutil.rmtree(stale, ignore_errors=True)
         for stale in (folder / ".checkpoints").glob(".*.tmp"):  # a worker stopped while saving a checkpoint
             stale.unlink()
+        conflicts, drop = [], []
         for spec in specs:
             wanted = identity(spec.cfg, data)
             run, (ckpt, sidecar) = folder / spec.name, checkpoint_paths(folder, spec.name)
@@ -139,11 +148,21 @@ class _State:
                 if stored == wanted:
                     self.finished[spec.name] = json.loads((run / "results.json").read_text())
                     self.curve[spec.name] = _csv_column(run / "epochs.csv", "val_acc")
+                else:
+                    conflicts.append((spec.name, differences(stored, wanted)))
             if sidecar.exists() and ckpt.exists():
                 info = json.loads(sidecar.read_text())
                 if info["identity"] == wanted:
                     self.epoch[spec.name], self.curve[spec.name] = info["epoch"], info["val_acc"]
                     continue
+                conflicts.append((spec.name, differences(info["identity"], wanted)))
+            drop.append((ckpt, sidecar))
+        if conflicts and not overwrite:
+            name, diff = conflicts[0]
+            raise OptionError(f"{folder} holds {len(conflicts)} run(s) of another config (e.g. {name}: "
+                              f"{'; '.join(diff) or 'the resolved config differs'}); the same --name resumes only "
+                              f"the same config: add --overwrite to retrain them, or choose another --name")
+        for ckpt, sidecar in drop:
             ckpt.unlink(missing_ok=True)
             sidecar.unlink(missing_ok=True)
 
@@ -181,7 +200,7 @@ STACK_MODES = ("auto", "on", "off")
 
 
 def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int = 0, prune: bool = False,
-              progress: bool = True, label: str = "grid", stack: str = "auto") -> list[dict]:
+              progress: bool = True, label: str = "grid", stack: str = "auto", overwrite: bool = False) -> list[dict]:
     """Run (or resume) every spec into ``folder``; return their results records in spec order.
 
     ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
@@ -191,6 +210,8 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     ``stack_options`` together (``heads/sweeps/stacked.py``, ``can_stack``): ``auto`` does on a GPU, ``on``
     everywhere, ``off`` never. On a GPU
     the other runs train one at a time in this process (``workers`` applies to the CPU).
+    ``overwrite``: retrain runs the folder holds under the same name with another config (else refused).
+    The folder is claimed for the sweep (``cache.replace.claim``): a second sweep into it gets one line.
 
     Everything that can be checked without training is checked before ``folder`` is made, and a
     folder this call made is removed again if it is still empty when the sweep fails or is stopped:
@@ -213,7 +234,8 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return _sweep(data, specs, folder, workers, prune, progress, label, stack)
+        with claim(folder, "--name"):
+            return _sweep(data, specs, folder, workers, prune, progress, label, stack, overwrite)
     except BaseException:
         for path in made:
             if path.is_dir() and not any(path.iterdir()):
@@ -222,7 +244,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
 
 
 def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
-           label: str, stack: str = "auto") -> list[dict]:
+           label: str, stack: str = "auto", overwrite: bool = False) -> list[dict]:
     on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
     if on_gpu:
         workers = 1  # one process owns the device; stacking is how a GPU sweep runs runs in parallel
@@ -234,18 +256,17 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
         groups.setdefault(spec.group, []).append(spec)
-    state = _State(folder, specs, data)
+    state = _State(folder, specs, data, overwrite)
     workers = min(workers or default_workers(), len(specs))
     threads = max(1, default_workers() // workers)
 
-    with _progress_bar(progress) as bar:
-        task = bar.add_task(label, total=None)
+    with Progress(label, enabled=progress) as bar:
 
         def tick(job: Job) -> None:
             if workers > 1:
-                bar.advance(task, job.until - job.start)
+                bar.update(advance=job.until - job.start)
 
-        runner = _InProcess(data, lambda *_: bar.advance(task, 1)) if workers == 1 else None
+        runner = _InProcess(data, lambda *_: bar.update(advance=1)) if workers == 1 else None
         try:
             alive, dropped = list(groups), []  # dropped: (spec, the epoch it stops at)
             for milestone in (milestones or [total]):
@@ -265,13 +286,13 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
                 chains = [_chain(s, folder, state.start(s, until), until, finish, pieces, milestones)
                           for s, until, finish in plan]
                 stacks = _stacks(together, state, folder, milestones)
-                bar.update(task, total=sum(j.until - j.start for c in chains + stacks for j in c), completed=0,
+                bar.update(total=sum(j.until - j.start for c in chains + stacks for j in c), completed=0,
                            description=f"{label if not prune else f'{label} rung ≤ epoch {target}'}: "
                                        f"{len(plan) + len(together)} run(s)")
                 for jobs in stacks:
                     for job, result in zip(jobs, advance_stacked(data, jobs)):
                         state.update(job.spec.name, result)
-                        bar.advance(task, job.until - job.start)
+                        bar.update(advance=job.until - job.start)
                 if chains:
                     if runner is None:
                         runner = Workers(data, workers, threads, work)
@@ -308,10 +329,5 @@ def _stacks(plan: list, state: _State, folder: Path, milestones) -> list[list[Jo
         job = Job(spec, str(folder), start, until, finish, milestones)
         groups.setdefault((stack_key(spec.cfg), start, until, finish), []).append(job)
     return list(groups.values())
-
-
-def _progress_bar(enabled: bool):
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                    TimeElapsedColumn(), disable=not enabled, transient=True)
 
 

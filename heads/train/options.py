@@ -1,11 +1,14 @@
 """A method's own options: the ``Options`` dataclass of each method is their one declaration (type,
-default, help), and this file parses what a user types against it — ``--tau 0.3 --no-align`` on the
-command line, ``edm[tau=0.3]`` in a spec, or a saved config's dict.
+default, help, domain), and this file parses what a user types against it — ``--tau 0.3 --no-align`` on
+the command line, ``edm[tau=0.3]`` in a spec, a grid axis, or a saved config's dict — and holds every
+number to its declared domain (``check_value``, the one validator; ``heads.blocks.domains``).
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
+
+from heads.blocks.domains import Domain
 
 from heads.errors import OptionError
 from heads.methods import method_class
@@ -18,6 +21,13 @@ def option_fields(method: str) -> list[dataclasses.Field]:
 def field_type(method: str, name: str):
     """The declared type of an option (annotations may be strings under ``from __future__``)."""
     return typing.get_type_hints(method_class(method).Options)[name]
+
+
+def check_value(flag: str, value, domain: Domain):
+    """The one validator: refuse a number outside its option's domain, naming option, value and domain."""
+    if not domain.contains(value):
+        raise OptionError(f"{flag} {domain.phrase()}, got {value!r}")
+    return value
 
 
 def _convert(f: dataclasses.Field, raw, method: str):
@@ -37,9 +47,12 @@ def _convert(f: dataclasses.Field, raw, method: str):
             raise OptionError(f"{flag} expects true or false, got {raw!r}")
         return word in ("1", "true", "yes", "on")
     try:
-        return kind(raw)
-    except (TypeError, ValueError):
+        value = kind(raw)
+    except (TypeError, ValueError, OverflowError):
         raise OptionError(f"{flag} expects {kind.__name__}, got {raw!r}") from None
+    if "domain" in f.metadata:
+        check_value(flag, value, f.metadata["domain"])
+    return value
 
 
 def resolve_options(method: str, given: dict) -> dict:

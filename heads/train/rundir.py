@@ -53,6 +53,8 @@ def run_folder(out: Path, name: str) -> Path:
     ``--name ../../escape`` cannot write outside ``--out``), and the resolved folder must lie in
     the resolved ``--out`` (a symlink inside ``--out`` may not lead out of it either).
     """
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a folder")
     bad = not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
     folder = out / name
     if bad or not folder.resolve().is_relative_to(out.resolve()) or folder.resolve() == out.resolve():

@@ -16,6 +16,7 @@ from heads.blocks.data import HeadData
 from heads.blocks.device import autocast, resolve_device, resolve_precision
 from heads.blocks.optim import scheduled_lr, set_lr
 from heads.blocks.standardize import standardized
+from heads.blocks.progress import Progress
 from heads.train.config import TrainConfig, build_model, resolve_training
 from heads.train.evaluation import Report, evaluate
 from heads.train.rundir import FitResult, write_run
@@ -180,25 +181,22 @@ class Trainer:
 
 
 def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-        model=None) -> FitResult:
-    """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once."""
-    trainer = Trainer(data, cfg, model)
+        model=None, trainer: Trainer | None = None, on_epoch=None) -> FitResult:
+    """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once.
+
+    ``trainer``: one restored from a checkpoint (``heads/train/resume.py``), continued from its epoch;
+    ``on_epoch(trainer, report)`` runs after each epoch (the resume checkpoint).
+    """
+    trainer = trainer or Trainer(data, cfg, model)
     cfg = trainer.cfg  # resolved: the method's epoch count when none was given
-    with _progress(progress) as bar:
-        task = bar.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.epochs)
+    what = f"{cfg.method} seed {cfg.seed}"
+    with Progress(what, total=cfg.epochs, enabled=progress) as bar:
+        bar.update(completed=trainer.epoch)
 
         def show(t: Trainer, report: Report) -> None:
-            bar.update(task, advance=1, description=f"{cfg.method} seed {cfg.seed} · val {report.acc:.1f}% "
-                                                   f"(best {t.best:.1f}% @ {t.best_epoch})")
+            bar.update(advance=1, description=f"{what} · val {report.acc:.1f}% (best {t.best:.1f}% @ {t.best_epoch})")
+            if on_epoch is not None:
+                on_epoch(t, report)
 
         trainer.run(cfg.epochs, show)
     return trainer.finish(run_dir)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=True)
-
-
