@@ -45,15 +45,16 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
+from heads.blocks.domains import NONNEGATIVE
 from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class CMLOptions:
-    lam: float = field(default=0.1, metadata={"help": "λ of the confidence rank penalty (BalanceMM 0.1)"})
+    lam: float = field(default=0.1, metadata={"domain": NONNEGATIVE, "help": "λ of the confidence rank penalty (BalanceMM 0.1)"})
     form: Literal["official", "balancemm"] = field(default="official", metadata={"help": "penalty: per-sample, sign-masked (official rank_loss) or the hinge of the batch sum (BalanceMM conf_loss)"})
-    epsilon: float = field(default=0.0, metadata={"help": "ε of the official per-sample hinge"})
+    epsilon: float = field(default=0.0, metadata={"domain": NONNEGATIVE, "help": "ε of the official per-sample hinge"})
     order: Literal["per-epoch", "per-batch"] = field(default="per-epoch", metadata={"help": "removal order shuffled once per epoch (BalanceMM) or every batch"})
 
 

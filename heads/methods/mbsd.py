@@ -47,6 +47,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
+from heads.blocks.domains import POSITIVE_INT
 from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
@@ -54,8 +55,8 @@ from heads.methods.concat import Concat
 @dataclass
 class MBSDOptions:
     kl: Literal["distill", "balancemm"] = field(default="distill", metadata={"help": "KL term: KL(s.g. p_strong ‖ p_weak) with the gap weight detached (distill), or BalanceMM's kl_div(ps, pw) on probabilities (balancemm)"})
-    modulation_start: int = field(default=1, metadata={"help": "first epoch with the unimodal and distillation terms (1-based; BalanceMM's 0)"})
-    modulation_end: int = field(default=81, metadata={"help": "last epoch with them (BalanceMM's 80, 0-based)"})
+    modulation_start: int = field(default=1, metadata={"domain": POSITIVE_INT, "help": "first epoch with the unimodal and distillation terms (1-based; BalanceMM's 0)"})
+    modulation_end: int = field(default=81, metadata={"domain": POSITIVE_INT, "help": "last epoch with them (BalanceMM's 80, 0-based)"})
 
 
 def pair_terms(z_a: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor, both: torch.Tensor, kl: str):

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from heads.blocks.domains import POSITIVE
 from heads.methods.base import Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class MMCosineOptions:
-    scaling: float = field(default=10.0, metadata={"help": "s: each modality's cosine logits are scaled by it (official 10; BalanceMM 15)"})
+    scaling: float = field(default=10.0, metadata={"domain": POSITIVE, "help": "s: each modality's cosine logits are scaled by it (official 10; BalanceMM 15)"})
 
 
 class MMCosine(Concat):

@@ -40,14 +40,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE_INT, UNIT
 from heads.methods.base import encode
 from heads.methods.mslr import AGM_REPO, ModalityFactors
 
 
 @dataclass
 class MSESOptions:
-    patience: int = field(default=80, metadata={"help": "epochs without a better smoothed validation loss before a modality stops (AGM code: 80)"})
-    smoothing: float = field(default=0.6, metadata={"help": "weight of the previous epoch's raw loss in the smoothed loss (AGM code: 0.6)"})
+    patience: int = field(default=80, metadata={"domain": NONNEGATIVE_INT, "help": "epochs without a better smoothed validation loss before a modality stops (AGM code: 80)"})
+    smoothing: float = field(default=0.6, metadata={"domain": UNIT, "help": "weight of the previous epoch's raw loss in the smoothed loss (AGM code: 0.6)"})
 
 
 def track(state: dict, loss: float, epoch: int, patience: int, weight: float) -> tuple[bool, bool]:

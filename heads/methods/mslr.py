@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from heads.blocks.domains import POSITIVE_INT
 from heads.methods.base import FIELD_PROTOCOL, Training
 from heads.methods.concat import Concat
 
@@ -108,7 +109,7 @@ class ModalityFactors(Concat):
 @dataclass
 class MSLROptions:
     lr_factors: str = field(default="", metadata={"help": "initial factor per modality, e.g. audio=0.9,visual=1.1 (the AGM code's CREMA-D pair); unnamed: 1"})
-    window: int = field(default=5, metadata={"help": "epochs of validation accuracy each ratio compares with (AGM code: 5)"})
+    window: int = field(default=5, metadata={"domain": POSITIVE_INT, "help": "epochs of validation accuracy each ratio compares with (AGM code: 5)"})
 
 
 class MSLR(ModalityFactors):

@@ -52,17 +52,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import FRACTION, NONNEGATIVE, POSITIVE_INT, UNIT
 from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class PMROptions:
-    alpha: float = field(default=2.0, metadata={"help": "weight α of the prototype CE on the weaker modality (CREMA-D scripts: 2.0; argparse 1.0)"})
-    momentum: float = field(default=0.0, metadata={"help": "prototype momentum μ (CREMA-D scripts: 0.0; argparse 0.2)"})
-    proto_fraction: float = field(default=0.1, metadata={"help": "fraction of the training batches the prototypes are computed on (code: 1/10; 1 = all)"})
-    modulation_start: int = field(default=1, metadata={"help": "first epoch with the prototype term (1-based)"})
-    modulation_end: int = field(default=71, metadata={"help": "last epoch with the prototype term (the scripts' 0–70 are our 1–71)"})
+    alpha: float = field(default=2.0, metadata={"domain": NONNEGATIVE, "help": "weight α of the prototype CE on the weaker modality (CREMA-D scripts: 2.0; argparse 1.0)"})
+    momentum: float = field(default=0.0, metadata={"domain": UNIT, "help": "prototype momentum μ (CREMA-D scripts: 0.0; argparse 0.2)"})
+    proto_fraction: float = field(default=0.1, metadata={"domain": FRACTION, "help": "fraction of the training batches the prototypes are computed on (code: 1/10; 1 = all)"})
+    modulation_start: int = field(default=1, metadata={"domain": POSITIVE_INT, "help": "first epoch with the prototype term (1-based)"})
+    modulation_end: int = field(default=71, metadata={"domain": POSITIVE_INT, "help": "last epoch with the prototype term (the scripts' 0–70 are our 1–71)"})
 
 
 def updated_prototypes(old: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float | None):
