@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from heads.blocks.data import Batch, DataSpec, HeadData, SplitTensors
+from heads.blocks.data import DataSpec, HeadData, SplitTensors
 from heads.methods import mses as mses_module
 from heads.methods import mslr as mslr_module
 from heads.methods.mses import track

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from heads.blocks.data import DataSpec, HeadData, SplitTensors
-from heads.blocks.optim import set_lr
+from heads import methods
+from heads.blocks.optim import make_optimizer, set_lr
+from heads.blocks.order import evaluation_order
 from heads.methods.base import modality_param_groups
 from heads.methods.concat import Concat
 from heads.sweeps.stacked import StackedTrainer, can_stack
@@ -74,8 +76,6 @@ def test_evaluation_batches_carry_their_rows(monkeypatch):
     real = Concat.logits
     monkeypatch.setattr(Concat, "logits", lambda self, b: seen.append(b.index.clone()) or real(self, b))
     predict(model, data.val, MODS, 4)
-    from heads.blocks.order import evaluation_order
-
     assert torch.equal(torch.cat(seen), evaluation_order(data.val))
 
 
@@ -217,8 +217,6 @@ def test_rollback_restores_parameters_buffers_and_optimizer_state_in_place():
 
 class Rated(Concat):
     def configure_optimizer(self):
-        from heads.blocks.optim import make_optimizer
-
         return make_optimizer(modality_param_groups(self, {m: list(self.proj[m].parameters()) for m in MODS}),
                               self.cfg)
 
@@ -249,8 +247,6 @@ class Resampled(Concat):
 
 
 def test_a_method_with_its_own_rates_or_rows_is_not_stacked(monkeypatch):
-    from heads import methods
-
     assert can_stack(TrainConfig(method="concat"))
     for name, cls in (("rated", Rated), ("resampled", Resampled)):
         monkeypatch.setitem(methods.METHODS, name, cls)
