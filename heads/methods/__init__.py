@@ -8,6 +8,8 @@ training core (``heads.train``), the sweeps or the reports, which sit above it.
 from __future__ import annotations
 
 from heads.errors import OptionError
+from heads.methods.agm import AGM
+from heads.methods.amco import AMCo
 from heads.methods.base import HeadMethod
 from heads.methods.bigated import BiGated
 from heads.methods.ccat import CCAT
@@ -21,6 +23,7 @@ from heads.methods.mla import MLA
 from heads.methods.mmpareto import MMPareto
 from heads.methods.ogm import OGM
 from heads.methods.ogm_ge import OGMGE
+from heads.methods.opm import OPM
 from heads.methods.qmf import QMF
 from heads.methods.sum import Sum
 
@@ -39,6 +42,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mmpareto": MMPareto,
     "lfm": LFM,
     "crmt": CRMT,
+    "agm": AGM,
+    "opm": OPM,
+    "amco": AMCo,
 }
 
 
