@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from cache.synthetic import builtin_cache
 from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.methods import METHODS
 from heads.methods.agm import coefficients
 from heads.methods.amco import dependence_mass, masked_count
 from heads.methods.opm import drop_probabilities
@@ -551,10 +552,12 @@ def test_ogm_plus_boosts_the_weak_modality_instead_of_damping_the_strong_one():
     model.opts.plus = 0.0
     assert sorted(model.coefficients(b).values())[1] == 1.0 and min(model.coefficients(b).values()) < 1
     three = build("ogm-ge", SPEC3, plus=2.5)
+    seen = []
     for batch in (make_batch(SPEC3, n=16), make_batch(SPEC3, n=6, absent={"t": range(6)})):
         want_k = plus_by_hand(three, batch, SPEC3, 2.5)
         assert three.coefficients(batch) == pytest.approx(want_k)
-    assert sorted(want_k.values()) == [1.0, 1.0, 2.5]  # t absent: 1; of a and v one leads
+        seen.append(sorted(want_k.values()))
+    assert seen[0].count(2.5) >= 1 and seen[1] == [1.0, 1.0, 2.5]  # t absent: 1; of a and v one leads
 
 
 # === all three: device-clean modulated steps, training runs ========================================
@@ -599,3 +602,22 @@ def test_each_method_trains_two_epochs(one_thread, builtin, method, cache):
     assert len(result.test.v) == 2 ** len(builtin[cache].spec.modalities)
     if cache == "av":
         assert result.test.acc > 100 / len(builtin[cache].spec.class_names)
+
+
+def test_defaults_are_the_ones_the_sections_say_to_use():
+    """The tool-default columns of §2, §4, §10 (training with its source; options with their defaults)."""
+    def training(m):
+        t = METHODS[m].training
+        return (t.optimizer, t.lr, t.weight_decay, t.schedule, t.batch_size)
+
+    assert training("agm") == ("sgd", 1e-3, 1e-4, "step:70:0.1", 64) and "AGM official" in METHODS["agm"].training.source
+    assert training("opm") == ("adamw", 5e-5, 0.01, "step:40:0.1", 32) and "OPM official" in METHODS["opm"].training.source
+    assert training("amco") == training("concat") and "no official code" in METHODS["amco"].training.source
+    defaults = {m: vars(METHODS[m].Options()) for m in ("agm", "opm", "amco")}
+    assert defaults == {
+        "agm": {"alpha": 1.0, "clip_cap": 10.0, "grad_clip": 1.0, "modulation_start": 1, "modulation_end": 0,
+                "decomposition": "slices"},
+        "opm": {"q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "warmup": 6},
+        "amco": {"sigma": 0.5, "eps": 0.3, "mask_on": "features"}}
+    assert METHODS["ogm"].Options().plus == 0.0 and METHODS["ogm-ge"].Options().plus == 0.0
+    assert not any(METHODS[m].stackable for m in ("agm", "opm", "amco"))
