@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from cache.synthetic import builtin_cache
 from heads.blocks.data import Batch, DataSpec, load_head_data
 from heads.methods import METHODS
+from heads.metrics import all_subsets
 from heads.methods.agm import coefficients
 from heads.methods.amco import dependence_mass, masked_count
 from heads.methods.opm import drop_probabilities
@@ -184,6 +185,47 @@ def test_agm_subset_form_equals_the_slices_for_three_modalities():
     close(results["slices"][2], results["subsets"][2])
 
 
+def test_agm_slices_take_one_pass_and_subsets_one_per_subset(monkeypatch):
+    """``--decomposition slices`` never scores a subset (one forward pass); ``subsets`` scores all 2^M."""
+    b = make_batch(SPEC3, n=6)
+    fast = build("agm", SPEC3)
+    monkeypatch.setattr(fast, "logits", lambda batch: pytest.fail("slices scored a subset"))
+    fast.train_step(b)
+    slow = build("agm", SPEC3, decomposition="subsets")
+    seen = []
+    real = slow.logits
+    monkeypatch.setattr(slow, "logits", lambda batch: seen.append(frozenset(m for m in "avt" if batch.has(m))) or real(batch))
+    slow.train_step(b)
+    assert sorted(seen, key=sorted) == sorted(all_subsets(["a", "v", "t"]), key=sorted)
+
+
+def test_agm_scores_floor_the_true_class_probability_at_1e_8():
+    """``s_m = mean −log max(p[y], 1e-8)``: a true-class logit 40 below the others scores −log 1e-8 = 18.420681,
+    a uniform one log 3; only the samples that have m count."""
+    model = build("agm")
+    b = make_batch(n=2, absent={"v": [1]})
+    b.y = torch.tensor([0, 0])
+    far = torch.tensor([[-40.0, 0.0, 0.0], [-40.0, 0.0, 0.0]])
+    flat = torch.tensor([[0.0, 0.0, 0.0], [-40.0, 0.0, 0.0]])
+    close(model.scores([far, flat], b), torch.tensor([-math.log(1e-8), math.log(3)]))
+
+
+def test_agm_clip_by_hand():
+    """Gradients set by hand: every entry 1e-3 except one classifier entry of 2c (norm ‖g‖ small, so the
+    1e-6 of clip_grad_norm_'s factor c / (‖g‖ + 1e-6) shows); an entry of exactly c does not clip."""
+    model = build("agm", grad_clip=0.01)
+    for peak, clipped in ((0.02, True), (0.01, False)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        model.cls.weight.grad[0, 0] = peak
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        model.clip_gradients()
+        factor = 0.01 / (norm + 1e-6) if clipped else 1.0
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g * factor, rtol=1e-6, atol=0)
+
+
 def test_agm_scales_each_modalitys_gradient_path_by_its_coefficient():
     """§10 test 3 (the defining line): with k = (2, 0.5) forced, the gradients of P_a and W_a are exactly 2×
     and those of P_v and W_v 0.5× concat's, the bias's (2 + 0.5)/2 = 1.25×."""
@@ -333,6 +375,20 @@ def test_opm_takes_no_step_when_every_row_is_dropped():
     assert float(loss) == 0 and not model.optimizer.state
     for n, t in model.state_dict().items():
         assert torch.equal(t, before[n]), n
+
+
+def test_opm_one_kept_row_is_the_loss_and_an_incomplete_batch_with_kept_rows_steps():
+    """The loss averages the kept rows only (one kept: its own CE); a batch where some sample lacks a
+    modality but some row survives takes its step."""
+    model, b, p, h, q = opm_setup(absent={"v": [0]})
+    mu = torch.zeros(6, 2)
+    mu[3] = torch.tensor([1.0, 0.0])
+    model.draws = lambda q_, n: (torch.tensor(True), mu)
+    dropped = {m: h[m] * mu[:, i:i + 1] / (1 - q.mean()) for i, m in enumerate("av")}
+    want = F.cross_entropy(head(p, SPEC2, dropped, "av")[3:4], b.y[3:4])
+    before = model.proj["a"].linear.weight.detach().clone()
+    close(model.train_step(b), want.detach())
+    assert not torch.equal(model.proj["a"].linear.weight, before)
 
 
 def test_opm_without_execution_or_with_balanced_scores_is_concat_and_still_draws():
@@ -518,11 +574,16 @@ def test_amco_predicts_through_its_output_layer_and_logs_how_often_each_was_depe
     h = {m: hidden(p, m, b.x[m]) for m in "av"}
     with torch.no_grad():
         close(model.logits(b.only(["a"])), head(p, SPEC2, h, "a") @ p["star.weight"].T + p["star.bias"])
-    flags = iter([torch.tensor([0.9, 0.1]), torch.tensor([0.2, 0.8]), torch.tensor([0.9, 0.1])])
+    flags = iter([torch.tensor([0.9, 0.1]), torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])])
     monkeypatch.setattr("heads.methods.amco.dependence_mass", lambda z: next(flags))
+    model.train_step(b)
+    assert model.end_epoch(None) == {"amco_dependent_a": 1.0, "amco_dependent_v": 0.0}
     for _ in range(3):
-        model.train_step(b)
-    assert model.end_epoch(None) == pytest.approx({"amco_dependent_a": 2 / 3, "amco_dependent_v": 1 / 3})
+        model.train_step(b)  # mass exactly σ = 0.5 is not dependent
+    assert model.end_epoch(None) == pytest.approx({"amco_dependent_a": 2 / 4, "amco_dependent_v": 1 / 4})
+    model.start_epoch(2)
+    assert model.end_epoch(None) == {"amco_dependent_a": 0.0, "amco_dependent_v": 0.0}
+    assert "dependent" not in model.state_dict() and "star.weight" in model.state_dict()  # flags: training state only
 
 
 # === ogm: the T-PAMI options =======================================================================
@@ -552,6 +613,8 @@ def test_ogm_plus_boosts_the_weak_modality_instead_of_damping_the_strong_one():
     model.opts.plus = 0.0
     assert sorted(model.coefficients(b).values())[1] == 1.0 and min(model.coefficients(b).values()) < 1
     three = build("ogm-ge", SPEC3, plus=2.5)
+    model.opts.plus = 1.0  # on, and a no-op: nobody is damped
+    assert model.coefficients(b) == {"a": 1.0, "v": 1.0}
     seen = []
     for batch in (make_batch(SPEC3, n=16), make_batch(SPEC3, n=6, absent={"t": range(6)})):
         want_k = plus_by_hand(three, batch, SPEC3, 2.5)

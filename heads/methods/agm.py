@@ -143,8 +143,8 @@ class AGM(Concat):
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        factor = (c / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
-        factor = torch.where(self.cls.weight.grad.abs().amax() > c, factor, torch.ones_like(factor))
+        # clip_grad_norm_'s factor; below 1 whenever it applies (an entry above c puts the norm above c)
+        factor = torch.where(self.cls.weight.grad.abs().amax() > c, c / (norm + 1e-6), torch.ones_like(norm))
         for g in grads:
             g.mul_(factor)
 
