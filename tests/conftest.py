@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # are marked `trains` when they load a built-in one).
 HEADS_FAST_FILES = {"test_pins.py", "test_metrics.py", "test_edm.py", "test_mla.py", "test_ccat.py", "test_heads.py",
                     "test_numbers.py", "test_baselines_a.py", "test_baselines_b.py", "test_device.py",
-                    "test_objective_methods.py",
+                    "test_objective_methods.py", "test_modulation_methods.py",
                     "test_hooks.py", "test_epoch_methods.py",
                     "test_domains.py", "test_progress.py"}
 CACHE_FIXTURES = {"small_av", "small_avt"}

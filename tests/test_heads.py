@@ -88,7 +88,7 @@ def test_ogm_ge_coefficients_and_gradient_modulation_by_hand():
 def test_option_parsing_and_errors():
     assert parse_option_args("ogm-ge", ["--alpha", "0.1", "--no-ge", "--coeff-form=shifted"]) == {
         "alpha": 0.1, "coeff_form": "shifted", "modulation_start": 1, "modulation_end": 51, "ge": False,
-        "noise_std": "unscaled", "ratio": "mean"}
+        "noise_std": "unscaled", "ratio": "mean", "plus": 0.0}
     with pytest.raises(OptionError, match="has no option --tau"):
         parse_option_args("ogm-ge", ["--tau", "0.3"])
     with pytest.raises(OptionError, match="must be one of paper, shifted"):

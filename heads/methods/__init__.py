@@ -8,6 +8,8 @@ training core (``heads.train``), the sweeps or the reports, which sit above it.
 from __future__ import annotations
 
 from heads.errors import OptionError
+from heads.methods.agm import AGM
+from heads.methods.amco import AMCo
 from heads.methods.base import HeadMethod
 from heads.methods.bigated import BiGated
 from heads.methods.ccat import CCAT
@@ -26,6 +28,7 @@ from heads.methods.mses import MSES
 from heads.methods.mslr import MSLR
 from heads.methods.ogm import OGM
 from heads.methods.ogm_ge import OGMGE
+from heads.methods.opm import OPM
 from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
 from heads.methods.sum import Sum
@@ -51,6 +54,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "mslr": MSLR,
     "mses": MSES,
     "pmr": PMR,
+    "agm": AGM,
+    "opm": OPM,
+    "amco": AMCo,
 }
 
 

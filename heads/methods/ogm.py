@@ -6,6 +6,9 @@ scores eqs. 6–8, coefficient eq. 10, modulation window, SGD protocol of the of
 (eq. 9), no Gaussian noise (eq. 11 dropped). The official code has this mode as ``--modulation OGM``
 (``grad *= coeff``; GeWu-Lab/OGM-GE_CVPR2022 main.py, and MLA's main.py). ``--ge`` turns it back into
 ``ogm-ge``.
+
+The T-PAMI 2024 form (BML_TPAMI2024 ``--modulation OGM``) and its OGM+ (``--plus 4``) are options of
+both: see ``ogm_ge.py``'s docstring for the flags (warm-up, window, AdamW protocol).
 """
 from __future__ import annotations
 

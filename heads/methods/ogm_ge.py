@@ -35,6 +35,19 @@ the mechanism scales gradient magnitudes, which Adam's per-parameter normalisati
 
 With cached features the modulated parameters are the projections ``P_m`` (the code modulates the
 encoders' convolution weights; never the fusion head).
+
+**The T-PAMI form** (Wei, Hu, Du, Wen, T-PAMI 2024; GeWu-Lab/BML_TPAMI2024 @ 4b3aa4f, ``code/main.py
+--use_modulation``, ``scripts/train_ogm.sh``; METHODS-MORE.md §2) has the same scores and eq. 10, and
+differs in three ways, all reachable with options: (i) no modulation during its 6-epoch warm-up (the
+code's epochs 0–5) and modulation up to its epoch 60 — ``--modulation-start 7 --modulation-end 61``;
+(ii) only 4-D (convolution) weight gradients are modulated — on cached features there are none, so the
+projections stay the modulated parameters; (iii) AdamW lr 5e-5, weight decay 0.01, StepLR(40, 0.1),
+batch 32, α 0.8 — ``--optimizer adamw --lr 5e-5 --weight-decay 0.01 --schedule step:40:0.1
+--batch-size 32``. Its code's default ``--modulation`` is ``OGM_GE``, so the T-PAMI "OGM" is ``ogm-ge``
+with these settings. ``--plus 4`` is the code's ``--use_OGM_plus`` (not the paper's main method): the
+dominant modality keeps k = 1 and every other scored modality's gradient is multiplied by 4 instead
+(M > 2: every modality with ρ ≤ 1, choice; at an exact tie the code boosts the first modality only,
+here both). GE's noise is added as without ``--plus``.
 """
 from __future__ import annotations
 
@@ -59,6 +72,30 @@ class OGMOptions:
     ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, σ²) to the modulated gradients (GE)"})
     noise_std: Literal["unscaled", "scaled"] = field(default="unscaled", metadata={"help": "σ = std of the gradient before (code) or after scaling by k (earlier code)"})
     ratio: Literal["mean", "sum"] = field(default="mean", metadata={"help": "M > 2: ρ_m = s_m / mean of the others' s (choice), or / their sum with the first modality modulated when none exceeds 1 (MLA's code)"})
+    plus: float = field(default=0.0, metadata={"help": "OGM+ (T-PAMI code's --use_OGM_plus): > 0 multiplies every non-dominant modality's gradient by it (code: 4) and leaves the dominant one's; 0 = off"})
+
+
+def slice_confidence(z: dict[str, torch.Tensor], batch) -> torch.Tensor:
+    """``[M]``: each slice's mean softmax probability of the true class over the samples that have its
+    modality (eqs. 6–8 as means, see above); NaN for a modality nobody in the batch has."""
+    out = []
+    for m, logits in z.items():
+        conf = logits.softmax(-1).gather(1, batch.y[:, None]).squeeze(1)
+        rows = batch.present[m].to(conf.dtype)
+        out.append((conf * rows).sum() / rows.sum())  # 0 / 0 = NaN when nobody has m
+    return torch.stack(out)
+
+
+def dominance(score: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``ρ_m = s_m / mean of the other scored modalities' s`` (``[M]``; ``rule="sum"``: / their sum, as
+    MLA's code), and where it is defined: m has a score and at least one other modality has one.
+    Device code (no sync)."""
+    valid = ~score.isnan()
+    known = torch.where(valid, score, torch.zeros_like(score))
+    others = valid.sum() - valid.to(torch.long)  # scored modalities other than m
+    sum_others = known.sum() - known
+    denominator = sum_others if rule == "sum" else sum_others / others.clamp_min(1)
+    return known / denominator.clamp_min(1e-12), valid & (others > 0)
 
 
 def coefficient(ratio: float, alpha: float, form: str = "paper") -> float:
@@ -81,33 +118,22 @@ class OGMGE(Concat):
         """``[M]`` mean true-class confidence of each modality's slice over the samples that have it
         (eqs. 6–8); NaN for a modality nobody in the batch has. Stays on the device (no sync)."""
         with torch.no_grad():
-            h = encode(self.proj, batch)
-            d = self.cfg.hidden
-            out = []
-            for i, m in enumerate(self.modalities):
-                logits = h[m] @ self.cls.weight[:, i * d:(i + 1) * d].T + self.cls.bias / len(self.modalities)
-                conf = logits.softmax(-1).gather(1, batch.y[:, None]).squeeze(1)
-                rows = batch.present[m].to(conf.dtype)
-                out.append((conf * rows).sum() / rows.sum())  # 0 / 0 = NaN when nobody has m
-            return torch.stack(out)
+            return slice_confidence(self.slices(encode(self.proj, batch)), batch)
 
     def coefficient_tensor(self, batch) -> torch.Tensor:
         """``[M]`` coefficients ``k_m`` (eq. 10), computed on the device: 1 for a modality without a
-        score or without another scored modality, or that is not dominant (ρ ≤ 1)."""
-        score = self.score_tensor(batch)
-        valid = ~score.isnan()
-        known = torch.where(valid, score, torch.zeros_like(score))
-        others = valid.sum() - valid.to(torch.long)  # scored modalities other than m
-        sum_others = known.sum() - known
-        ratio = known / (sum_others if self.opts.ratio == "sum" else sum_others / others.clamp_min(1)).clamp_min(1e-12)
-        shifted = ratio if self.opts.coeff_form == "paper" else ratio - 1.0
-        k = 1.0 - torch.tanh(self.opts.alpha * shifted)
-        scored = valid & (others > 0)
-        modulated = scored & (ratio > 1)
+        score or without another scored modality, or that is not dominant (ρ ≤ 1). With ``--plus``:
+        1 for the dominant modality, ``plus`` for every other scored one."""
+        ratio, defined = dominance(self.score_tensor(batch), self.opts.ratio)
+        dominant = defined & (ratio > 1)
         if self.opts.ratio == "sum":  # MLA's fallback: nobody dominates, so the first modality is modulated
-            first = torch.arange(len(k), device=k.device) == 0
-            modulated = modulated | (first & scored & ~modulated.any())
-        return torch.where(modulated, k, torch.ones_like(k))
+            first = torch.arange(len(ratio), device=ratio.device) == 0
+            dominant = dominant | (first & defined & ~dominant.any())
+        one = torch.ones_like(ratio)
+        if self.opts.plus > 0:
+            return torch.where(defined & ~dominant, one * self.opts.plus, one)
+        shifted = ratio if self.opts.coeff_form == "paper" else ratio - 1.0
+        return torch.where(dominant, 1.0 - torch.tanh(self.opts.alpha * shifted), one)
 
     def scores(self, batch) -> dict[str, float]:
         """The scores as host numbers (analysis and tests; training reads the tensor)."""
