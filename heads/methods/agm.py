@@ -54,24 +54,26 @@ StepLR(70, 0.1)) with the field protocol's lr 1e-3 and batch 64: the code's argp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from heads.metrics import all_subsets, shapley_values
+from heads.blocks.domains import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
 from heads.methods.base import Training, encode
 from heads.methods.concat import Concat
+from heads.metrics import all_subsets, shapley_values
 
 
 @dataclass
 class AGMOptions:
-    alpha: float = field(default=1.0, metadata={"help": "α in k_m = exp(α·min(opt_m − ratio_m, cap)) (official 1.0; its README for AV-MNIST 2.5; BalanceMM 0.1; 0 = no modulation)"})
-    clip_cap: float = field(default=10.0, metadata={"help": "cap on opt_m − ratio_m (official CREMA-D script 10; its MOSEI script none: inf; BalanceMM 7)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "when a classifier-weight gradient entry leaves [−c, c], clip the global gradient norm to c (official 1; BalanceMM 5; 0 = off)"})
-    modulation_start: int = field(default=1, metadata={"help": "first epoch with modulation (1-based)"})
-    modulation_end: int = field(default=0, metadata={"help": "last epoch with modulation (0 = the run's last; the official argparse: 20)"})
+    alpha: float = field(default=1.0, metadata={"domain": NONNEGATIVE, "help": "α in k_m = exp(α·min(opt_m − ratio_m, cap)) (official 1.0; its README for AV-MNIST 2.5; BalanceMM 0.1; 0 = no modulation)"})
+    clip_cap: float = field(default=10.0, metadata={"domain": POSITIVE | (math.inf,), "help": "cap on opt_m − ratio_m (official CREMA-D script 10; its MOSEI script none: inf; BalanceMM 7)"})
+    grad_clip: float = field(default=1.0, metadata={"domain": NONNEGATIVE, "help": "when a classifier-weight gradient entry leaves [−c, c], clip the global gradient norm to c (official 1; BalanceMM 5; 0 = off)"})
+    modulation_start: int = field(default=1, metadata={"domain": POSITIVE_INT, "help": "first epoch with modulation (1-based)"})
+    modulation_end: int = field(default=0, metadata={"domain": NONNEGATIVE_INT, "help": "last epoch with modulation (0 = the run's last; the official argparse: 20)"})
     decomposition: Literal["slices", "subsets"] = field(default="slices", metadata={"help": "each modality's output m_m: the concat head's slice z_m (exact, one pass) or the Shapley form over all 2^M subsets (same numbers, 2^M passes)"})
 
 

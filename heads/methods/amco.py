@@ -50,14 +50,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from heads.blocks.domains import POSITIVE, UNIT
 from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 
 @dataclass
 class AMCoOptions:
-    sigma: float = field(default=0.5, metadata={"help": "σ: a modality is dependent when its share of the softmax over all unimodal logits exceeds σ (BalanceMM 0.5)"})
-    eps: float = field(default=0.3, metadata={"help": "ε: the mask ratio sin(π/2 · min(ε, l)/ε) reaches 1 when the epoch's counter l reaches ε (BalanceMM 0.3)"})
+    sigma: float = field(default=0.5, metadata={"domain": UNIT, "help": "σ: a modality is dependent when its share of the softmax over all unimodal logits exceeds σ (BalanceMM 0.5)"})
+    eps: float = field(default=0.3, metadata={"domain": POSITIVE, "help": "ε: the mask ratio sin(π/2 · min(ε, l)/ε) reaches 1 when the epoch's counter l reaches ε (BalanceMM 0.3)"})
     mask_on: Literal["features", "logits"] = field(default="features", metadata={"help": "mask the dependent modality's projection units (K = hidden, choice) or its slice logits (K = classes, BalanceMM HEAD)"})
 
 

@@ -72,7 +72,7 @@ class OGMOptions:
     ge: bool = field(default=True, metadata={"help": "add Gaussian noise N(0, σ²) to the modulated gradients (GE)"})
     noise_std: Literal["unscaled", "scaled"] = field(default="unscaled", metadata={"help": "σ = std of the gradient before (code) or after scaling by k (earlier code)"})
     ratio: Literal["mean", "sum"] = field(default="mean", metadata={"help": "M > 2: ρ_m = s_m / mean of the others' s (choice), or / their sum with the first modality modulated when none exceeds 1 (MLA's code)"})
-    plus: float = field(default=0.0, metadata={"help": "OGM+ (T-PAMI code's --use_OGM_plus): > 0 multiplies every non-dominant modality's gradient by it (code: 4) and leaves the dominant one's; 0 = off"})
+    plus: float = field(default=0.0, metadata={"domain": NONNEGATIVE, "help": "OGM+ (T-PAMI code's --use_OGM_plus): > 0 multiplies every non-dominant modality's gradient by it (code: 4) and leaves the dominant one's; 0 = off"})
 
 
 def slice_confidence(z: dict[str, torch.Tensor], batch) -> torch.Tensor:

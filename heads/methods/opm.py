@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heads.blocks.domains import NONNEGATIVE, NONNEGATIVE_INT, UNIT
 from heads.methods.base import Training, encode
 from heads.methods.concat import Concat
 from heads.methods.ogm_ge import dominance, slice_confidence
@@ -59,10 +60,10 @@ from heads.methods.ogm_ge import dominance, slice_confidence
 
 @dataclass
 class OPMOptions:
-    q_base: float = field(default=0.5, metadata={"help": "base drop probability of a dominant modality (official script 0.5; its config.py and BalanceMM 0.4)"})
-    lam: float = field(default=0.5, metadata={"help": "λ: q = q_base · (1 + λ · tanh(max(0, ρ − 1)))"})
-    p_exe: float = field(default=0.7, metadata={"help": "probability that a batch's drop is executed at all"})
-    warmup: int = field(default=6, metadata={"help": "epochs of plain concat training first (official: its epochs 0–5; BalanceMM: 0)"})
+    q_base: float = field(default=0.5, metadata={"domain": UNIT, "help": "base drop probability of a dominant modality (official script 0.5; its config.py and BalanceMM 0.4)"})
+    lam: float = field(default=0.5, metadata={"domain": NONNEGATIVE, "help": "λ: q = q_base · (1 + λ · tanh(max(0, ρ − 1)))"})
+    p_exe: float = field(default=0.7, metadata={"domain": UNIT, "help": "probability that a batch's drop is executed at all"})
+    warmup: int = field(default=6, metadata={"domain": NONNEGATIVE_INT, "help": "epochs of plain concat training first (official: its epochs 0–5; BalanceMM: 0)"})
 
 
 def drop_probabilities(score: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
