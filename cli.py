@@ -29,6 +29,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature ca
 app.add_typer(cache_app, name="cache")
 
 from heads import commands as heads_commands  # noqa: E402  (stage two: train-head, compare, grid, …; lazy inside)
+from heads import commands_runs as heads_runs_commands  # noqa: E402  (stage two's readers: report, runs, predict, methods)
 from pipeline import commands as pipeline_commands  # noqa: E402  (stage one: extract, datasets, backbones; lazy inside)
 
 
@@ -176,6 +177,7 @@ def _key_values(text: str) -> dict[str, float]:
 
 pipeline_commands.register(app)
 heads_commands.register(app, friendly)
+heads_runs_commands.register(app, friendly)
 
 
 def main():

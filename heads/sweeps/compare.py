@@ -16,11 +16,12 @@ from heads.reports.tables import paper_report, results_table
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
+from heads.sweeps.tracking import SweepLog
 from heads.train.config import TrainConfig
 
 
 def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
-            progress: bool = True, workers: int = 0) -> tuple[str, list[dict]]:
+            progress: bool = True, workers: int = 0, track: SweepLog | None = None) -> tuple[str, list[dict]]:
     """Fit every method spec with every seed; write each run, the results CSV and the table.
 
     The runs go through the grid's sweep runner: one worker process per core (``workers``; 1 trains
@@ -32,7 +33,7 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
                          {"label": spec}) for seed in seeds]
-    results = run_sweep(data, runs, out, workers, progress=progress, label="compare")
+    results = run_sweep(data, runs, out, workers, progress=progress, label="compare", track=track)
     table = results_table(results, data.spec.modalities)
     (out / "table.md").write_text(table)
     with open(out / "results.csv", "w", newline="") as f:
@@ -54,7 +55,7 @@ def paper_table(paper: str) -> tuple[dict, str]:
 
 
 def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], base: TrainConfig, out: Path,
-                  summary: str, progress: bool = True, workers: int = 0, echo=print) -> str:
+                  summary: str, progress: bool = True, workers: int = 0, echo=print, track: SweepLog | None = None) -> str:
     """The rows of ``paper``'s table that we implement, each with its paper's settings, and the paper's
     number for the cache's dataset beside ours. ``echo`` shows the plan before training starts; the
     report (returned) is also written to ``out/paper.md``."""
@@ -63,7 +64,7 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
     head = papers.plan_lines(paper, printed, rows)
     echo(head)
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
-    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers)
+    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers, track=track)
     body = f"{summary}\n{paper_report(printed, rows, columns, results, data)}"
     (out / "paper.md").write_text(f"{head}\n{body}\n")
     return body

@@ -177,18 +177,30 @@ class Trainer:
 
 
 def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-        model=None) -> FitResult:
-    """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once."""
+        model=None, log=None) -> FitResult:
+    """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once.
+
+    ``log`` (a ``heads.train.tracking.RunLog``) is started before the first epoch (so its set-up is
+    not counted in the run's seconds), gets each epoch's row as it ends and the result once the run
+    folder is written, so trackers watch the run live.
+    """
     trainer = Trainer(data, cfg, model)
+    if log is not None:
+        log.start_trainer(trainer)
     with _progress(progress) as bar:
         task = bar.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.epochs)
 
         def show(t: Trainer, report: Report) -> None:
             bar.update(task, advance=1, description=f"{cfg.method} seed {cfg.seed} · val {report.acc:.1f}% "
                                                    f"(best {t.best:.1f}% @ {t.best_epoch})")
+            if log is not None:
+                log.epoch(t.rows[-1])
 
         trainer.run(cfg.epochs, show)
-    return trainer.finish(run_dir)
+    result = trainer.finish(run_dir)
+    if log is not None:
+        log.finish_fit(result, run_dir)
+    return result
 
 
 def _progress(enabled: bool):
