@@ -49,33 +49,26 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:
-    from click.core import ParameterSource
+    """Whether option ``name`` was typed (or set through the environment) rather than left to its default."""
+    return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
-
-def _with_file(ctx: typer.Context, values: dict, axes: bool = False) -> tuple[SimpleNamespace, dict]:
+def _with_file(ctx: typer.Context, command, values: dict, axes: bool = False) -> tuple[SimpleNamespace, dict]:
     """A sweep command's options with its ``--config`` file's values where none was typed, and the
-    file's grid axes (``{name: text}``); each value goes through the option's own type."""
-    values = {p.name: values[p.name] for p in ctx.command.params}
-    path = values.get("config")
+    file's grid axes (``{name: text}``); each value is read as the option's declared type."""
+    import typing
+
+    from heads.train.configfile import coerce, read_config_file, sweep_file
+
+    kinds = {k: v for k, v in typing.get_type_hints(command).items() if k not in ("ctx", "config", "return")}
+    values = {k: values[k] for k in kinds} | {"config": values["config"]}
+    path = values["config"]
     if path is None:
         return SimpleNamespace(**values), {}
-    import click
-
-    from heads.errors import OptionError
-    from heads.train.configfile import read_config_file, sweep_file
-
-    params = {p.name: p for p in ctx.command.params if p.name != "config"}
-    found, axis_text = sweep_file(read_config_file(path), path, list(params), axes)
+    found, axis_text = sweep_file(read_config_file(path), path, list(kinds), axes)
     for key, raw in found.items():
-        if _typed(ctx, key):
-            continue
-        try:
-            value = params[key].type_cast_value(ctx, raw)
-        except click.BadParameter as err:
-            raise OptionError(f"--config {path}: {key}: {err.format_message()}") from None
-        values[key] = Path(value) if key in ("out", "log_dir") and value is not None else value
+        if not _typed(ctx, key):
+            values[key] = coerce(f"--config {path}: {key}", raw, kinds[key], none=True)
     return SimpleNamespace(**values), axis_text
 
 
@@ -222,7 +215,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
 
-        o, _ = _with_file(ctx, locals())
+        o, _ = _with_file(ctx, compare, locals())
         track = _sweep_log(o.log_with, o.log_dir)
         if o.paper is not None:
             if o.methods:
@@ -296,7 +289,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
 
-        o, file_axes = _with_file(ctx, locals(), axes=True)
+        o, file_axes = _with_file(ctx, grid_cmd, locals(), axes=True)
         if o.method is None:
             raise OptionError("grid needs --method (or method: in its --config file)")
         words = [w for k, v in file_axes.items() for w in (f"--{k}", v)]
@@ -349,7 +342,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.sweeps.specs import parse_method_spec, parse_seeds, split_specs
         from heads.train.rundir import run_folder, timestamp
 
-        o, _ = _with_file(ctx, locals())
+        o, _ = _with_file(ctx, robustness_cmd, locals())
         labels = split_specs(o.methods)
         names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
         rates, protocols, seed_list = parse_rates(o.missing), parse_protocols(o.protocol), parse_seeds(o.seeds)

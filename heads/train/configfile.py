@@ -88,13 +88,15 @@ def run_file(doc: dict, path: Path) -> RunFile:
                    _text_list(spec.get("modalities"), f"--config {path}: spec.modalities"))
 
 
-def _coerce(name: str, value, kind, path: Path):
-    """A file's value as the field's declared type (YAML reads ``1e-3`` as text; JSON has no int/float split)."""
+def coerce(label: str, value, kind, none: bool = False):
+    """A file's value as the declared type ``kind`` (``int``, ``float``, ``str``, ``bool``, ``dict``,
+    ``Path``, or one of them ``| None``): YAML reads ``1e-3`` as text, JSON has no int/float split.
+    ``none`` lets any setting be empty (a command option left to its default)."""
     args = typing.get_args(kind)
     if value is None:
-        if type(None) in args:
+        if none or type(None) in args:
             return None
-        raise OptionError(f"--config {path}: train.{name} may not be empty")
+        raise OptionError(f"{label} may not be empty")
     kind = next((a for a in args if a is not type(None)), kind)
     try:
         if kind is bool:
@@ -112,16 +114,16 @@ def _coerce(name: str, value, kind, path: Path):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if kind is str:
+        if kind in (str, Path):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
-            return str(value)
+            return kind(str(value))
         if kind is dict:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
-        raise OptionError(f"--config {path}: train.{name} expects {kind.__name__}, got {value!r}") from None
+        raise OptionError(f"{label} expects {kind.__name__}, got {value!r}") from None
     return value
 
 
@@ -132,7 +134,7 @@ def config_from_file(run: RunFile, path: Path, given: dict, given_options: dict)
     hints = typing.get_type_hints(TrainConfig)
     values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(TrainConfig)}
-    values.update({k: _coerce(k, v, hints[k], path) for k, v in run.train.items()})
+    values.update({k: coerce(f"--config {path}: train.{k}", v, hints[k]) for k, v in run.train.items()})
     file_method = values["method"]
     values.update(given)
     method = values["method"]

@@ -31,12 +31,9 @@ SPLITS = ("train", "val", "test")
 def check_cache(caches: list[Path], spec: DataSpec, run_dir: Path) -> None:
     """Refuse, in one line, a cache whose modalities, widths or classes are not the run's model's."""
     found: dict[str, int] = {}
-    for path in caches:
-        meta = load_meta(path)
+    metas = {path: load_meta(path) for path in caches}
+    for meta in metas.values():
         found.update({m: int(v["dim"]) for m, v in meta["modalities"].items()})
-        if meta.get("class_names") != spec.class_names:
-            raise OptionError(f"cache {path} has other classes than run {run_dir} was trained on "
-                              f"({len(meta.get('class_names') or [])} vs {spec.num_classes})")
     missing = [m for m in spec.modalities if m not in found]
     if missing:
         raise OptionError(f"cache {', '.join(map(str, caches))} lacks modality {', '.join(missing)} of run {run_dir} "
@@ -44,6 +41,10 @@ def check_cache(caches: list[Path], spec: DataSpec, run_dir: Path) -> None:
     wrong = [f"{m} {found[m]} (the model reads {spec.dims[m]})" for m in spec.modalities if found[m] != spec.dims[m]]
     if wrong:
         raise OptionError(f"cache {', '.join(map(str, caches))} does not fit run {run_dir}: feature width of {'; '.join(wrong)}")
+    for path, meta in metas.items():
+        if meta.get("class_names") != spec.class_names:
+            raise OptionError(f"cache {path} has other classes than run {run_dir} was trained on "
+                              f"({len(meta.get('class_names') or [])} vs {spec.num_classes})")
 
 
 def subset_name(subset: frozenset, modalities: list[str]) -> str:
