@@ -51,9 +51,9 @@ def without_timing(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def first(tiny, tmp_path_factory):
-    """A run with a method option and a given setting (edm, τ 0.3, lr 3e-4), 3 epochs."""
+    """A run with a method option and a given setting (ogm-ge, α 0.5, lr 3e-4), 3 epochs."""
     out = tmp_path_factory.mktemp("runs")
-    ok("train-head", "--method", "edm", "--tau", "0.3", "--lr", "3e-4", "--cache", tiny, "--epochs", 3,
+    ok("train-head", "--method", "ogm-ge", "--alpha", "0.5", "--lr", "3e-4", "--cache", tiny, "--epochs", 3,
        "--device", "cpu", "--out", out, "--name", "first", "--quiet")
     return out / "first"
 
@@ -71,8 +71,8 @@ def test_yaml_with_the_same_keys_and_a_hand_written_one_train_the_same_run(first
     config = json.loads((first / "config.json").read_text())
     (tmp_path / "same.yaml").write_text(yaml.safe_dump(config))
     # What a person writes: only what differs from the defaults; YAML reads 3e-4 as text.
-    (tmp_path / "short.yml").write_text(f"train:\n  method: edm\n  epochs: 3\n  lr: 3e-4\n  device: cpu\n"
-                                        f"  options:\n    tau: 0.3\ndata:\n  caches: [{tiny}]\n")
+    (tmp_path / "short.yml").write_text(f"train:\n  method: ogm-ge\n  epochs: 3\n  lr: 3e-4\n  device: cpu\n"
+                                        f"  options:\n    alpha: 0.5\ndata:\n  caches: [{tiny}]\n")
     for name in ("same.yaml", "short.yml"):
         ok("train-head", "--config", tmp_path / name, "--out", tmp_path / "runs", "--name", name, "--quiet")
         assert without_timing(tmp_path / "runs" / name) == without_timing(first), name
@@ -80,15 +80,15 @@ def test_yaml_with_the_same_keys_and_a_hand_written_one_train_the_same_run(first
 
 
 def test_options_typed_on_the_command_line_replace_single_keys(first, tmp_path):
-    ok("train-head", "--config", first / "config.json", "--seed", 1, "--epochs", 2, "--tau", "0.5", "--out", tmp_path,
+    ok("train-head", "--config", first / "config.json", "--seed", 1, "--epochs", 2, "--alpha", "0.9", "--out", tmp_path,
        "--name", "changed", "--quiet")
     before = json.loads((first / "config.json").read_text())["train"]
     after = json.loads((tmp_path / "changed" / "config.json").read_text())["train"]
-    assert (after["seed"], after["epochs"], after["options"]["tau"]) == (1, 2, 0.5)
+    assert (after["seed"], after["epochs"], after["options"]["alpha"]) == (1, 2, 0.9)
     assert {k: v for k, v in after.items() if k not in ("seed", "epochs", "options")} == \
         {k: v for k, v in before.items() if k not in ("seed", "epochs", "options")}
-    assert {k: v for k, v in after["options"].items() if k != "tau"} == \
-        {k: v for k, v in before["options"].items() if k != "tau"}
+    assert {k: v for k, v in after["options"].items() if k != "alpha"} == \
+        {k: v for k, v in before["options"].items() if k != "alpha"}
 
 
 def test_bad_config_files_are_one_line(first, tmp_path):
@@ -106,14 +106,14 @@ def test_bad_config_files_are_one_line(first, tmp_path):
 
 def test_a_sweep_file_equals_the_same_options(tiny, tmp_path):
     common = ["--cache", tiny, "--epochs", 2, "--device", "cpu", "--workers", 1, "--quiet"]
-    ok("compare", "--methods", "concat,edm[tau=0.3]", "--seeds", "0,1", *common, "--out", tmp_path / "typed",
+    ok("compare", "--methods", "concat,ogm-ge[alpha=0.5]", "--seeds", "1,", *common, "--out", tmp_path / "typed",
        "--name", "c")
-    (tmp_path / "compare.yaml").write_text(yaml.safe_dump({"methods": ["concat", "edm[tau=0.3]"], "seeds": [0, 1],
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump({"methods": ["concat", "ogm-ge[alpha=0.5]"], "seeds": [1],
                                                            "caches": [str(tiny)], "epochs": 2, "device": "cpu",
                                                            "workers": 1, "quiet": True}))
     ok("compare", "--config", tmp_path / "compare.yaml", "--out", tmp_path / "file", "--name", "c")
     assert (tmp_path / "file" / "c" / "table.md").read_text() == (tmp_path / "typed" / "c" / "table.md").read_text()
-    for run in ("concat-seed0", "concat-seed1", "edm_tau=0.3_-seed0", "edm_tau=0.3_-seed1"):
+    for run in ("concat-seed1", "ogm-ge_alpha=0.5_-seed1"):  # a one-seed list is that seed, not a count
         assert without_timing(tmp_path / "file" / "c" / run) == without_timing(tmp_path / "typed" / "c" / run)
 
     ok("grid", "--method", "concat", "--lr", "1e-3,3e-3", "--seeds", "1", *common, "--out", tmp_path / "typed",
@@ -206,9 +206,9 @@ def test_predict_full_set_accuracy_is_the_runs_test_accuracy(first, tiny, tmp_pa
     assert frame.height == 37 and frame["id"].n_unique() == 37
     assert set(frame.columns) >= {"id", "label", "label_name", "pred", "prob", "pred_audio", "prob_audio",
                                   "pred_visual", "prob_visual", "present_audio"}
-    assert 100 * (frame["pred"] == frame["label"]).sum() / frame.height == results["test"]["acc"]
+    assert (frame["pred"] == frame["label"]).sum() / frame.height * 100 == results["test"]["acc"]  # as the evaluation: mean × 100
     for m in ("audio", "visual"):
-        assert 100 * (frame[f"pred_{m}"] == frame["label"]).sum() / frame.height == results["test"][f"acc_{m}"]
+        assert (frame[f"pred_{m}"] == frame["label"]).sum() / frame.height * 100 == results["test"][f"acc_{m}"]
     assert frame["prob"].min() > 0 and frame["prob"].max() <= 1
 
 
@@ -223,7 +223,7 @@ def test_predict_with_missing_test_uses_the_masks_a_run_would_draw(first, tiny, 
     frame = pl.read_parquet(tmp_path / "p.parquet")
     model, cfg = load_run(first)
     expected = masked_test(model, load_head_data([tiny]), cfg, 0.3)
-    assert 100 * (frame["pred"] == frame["label"]).sum() / frame.height == expected["acc"]
+    assert (frame["pred"] == frame["label"]).sum() / frame.height * 100 == expected["acc"]
     missing = 1 - (frame["present_audio"].sum() + frame["present_visual"].sum()) / (2 * frame.height)
     assert missing == pytest.approx(expected["missing"])
 
