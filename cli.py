@@ -26,6 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 from cache import commands as cache_commands  # noqa: E402  (cache info/verify, import-features, make-synthetic)
 from heads import commands as heads_commands  # noqa: E402  (stage two: train-head, compare, grid, …; lazy inside)
+from heads import commands_runs as heads_runs_commands  # noqa: E402  (stage two's readers: report, runs, predict, methods)
 from pipeline import commands as pipeline_commands  # noqa: E402  (stage one: extract, datasets, backbones; lazy inside)
 
 
@@ -90,6 +91,7 @@ def friendly(func):
 pipeline_commands.register(app)
 heads_commands.register(app, friendly)
 cache_commands.register(app, friendly)
+heads_runs_commands.register(app, friendly)
 
 
 def main():

@@ -2,7 +2,8 @@
 
 Four wings and two bottom modules; imports point one way, down this list (``docs/architecture.md``):
 
-- ``commands.py`` — the CLI face of stage two (typer), delegating to the wings below;
+- ``commands.py``, ``commands_runs.py`` — the CLI face of stage two (typer): the training commands,
+  and those that read runs (report, runs, predict, methods), delegating to the wings below;
 - ``sweeps/`` — many runs: the sweep runner and its workers, stacked GPU training, grids, comparisons,
   robustness;
 - ``train/`` — one run: its configuration and options, the trainer, evaluation, its run folder;

@@ -1,5 +1,6 @@
-"""Stage two's commands for the tool's CLI: ``train-head``, ``compare``, ``grid``, ``robustness``,
-``report`` and ``methods``.
+"""Stage two's training commands for the tool's CLI: ``train-head``, ``compare``, ``grid`` and
+``robustness`` (the commands that read runs, ``report``, ``runs``, ``predict`` and ``methods``, are
+``heads/commands_runs.py``).
 
 ``register(app, guard)`` adds them to a typer app; ``guard`` is the CLI's decorator that turns the
 tool's errors, Ctrl-C and SIGTERM into one ``error:`` line. Only typer and the standard library are
@@ -10,42 +11,71 @@ live in ``heads.train`` (one run) and ``heads.sweeps`` (many), testable without 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
-# Options shared by every training command.
-CACHE = typer.Option("av", "--cache", help="Cache folder(s), ',' to join backbones; or a built-in preset: av, avt, av-saturated, avt-saturated, mv6.")
-NONFINITE = typer.Option(False, "--allow-nonfinite", help="Set NaN/inf feature values to 0 (with a warning giving their count) instead of refusing the cache.")
-JOIN = typer.Option("exact", "--join", help="Joined caches (--cache a,b): exact (refuse when their sample ids differ) or inner (train on the shared ids; says how many each side loses).")
-SWEEP_OVERWRITE = typer.Option(False, "--overwrite", help="Retrain runs that --name holds with another config (without it a rerun with other settings is refused, naming them).")
-EPOCHS = typer.Option(None, help="Training epochs (default: the method's, from its source: 100 for most, mmpareto 50, ccat 150, crmt 140 + 45; `cli.py methods`); the epoch with the best validation accuracy is kept.")
-LR = typer.Option(None, "--lr", help="Learning rate (default: the method's paper setting; `cli.py methods`).")
-BATCH = typer.Option(None, "--batch-size", help="Batch size, training and evaluation (default: the method's paper setting).")
-OPTIM = typer.Option(None, help="adam, adamw or sgd (momentum 0.9) (default: the method's paper setting).")
-SCHEDULE = typer.Option(None, "--schedule", help="none, cosine or step:EPOCHS:GAMMA (default: the method's paper setting).")
-STANDARDIZE = typer.Option("feature", "--standardize", help="feature (z-score each feature with training statistics), modality (one scale per modality) or none.")
-HIDDEN = typer.Option(256, help="Hidden width d of the projections.")
-WD = typer.Option(None, "--weight-decay", help="Weight decay (default: the method's paper setting).")
-MISS_TRAIN = typer.Option(0.0, "--missing-train", help="Mask each modality with this rate in train, val and test (MLA protocol).")
-MISS_TEST = typer.Option(0.0, "--missing-test", help="Mask each modality with this rate at test only (EDM paper, Table VI).")
-MODALITIES = typer.Option(None, "--modalities", help="Use only these modalities (comma-separated).")
-OUT = typer.Option(Path("runs"), "--out", help="Folder for run folders.")
-QUIET = typer.Option(False, "--quiet", help="No progress (a bar on a terminal; off one, a line with rate and ETA at most every 30 s).")
-WORKERS = typer.Option(0, help="Worker processes, one thread each (0 = one per core on the CPU, 1 = in this process; on a GPU runs share this process).")
-DEVICE = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N.")
-PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or auto (bf16 only on a CPU with native bf16 where a probe finds it faster; recorded in results.json).")
-SHAPLEY = typer.Option(128, "--shapley-permutations", help="With more than 8 modalities, φ is estimated from this many sampled permutations (reported with its standard error); up to 8 it is exact.")
-EPOCH_SUBSETS = typer.Option(False, "--epoch-subsets", help="Score every modality subset on validation after each epoch (φ, δ, EDM per epoch in epochs.csv); methods that read φ, like edm, always do.")
-FEATURE_DTYPE = typer.Option("fp16", "--feature-dtype", help="How features are held in memory: fp16 (the cache's own float16, half the memory; batches are float32) or fp32 (the earlier path, exactly).")
-EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+from heads.command_options import (  # noqa: F401  (the shared options, by name)
+    CACHE, NONFINITE, JOIN, SWEEP_OVERWRITE, EPOCHS, LR, BATCH, OPTIM, SCHEDULE, STANDARDIZE, HIDDEN, WD, MISS_TRAIN, MISS_TEST, MODALITIES, OUT, QUIET, WORKERS, DEVICE, PRECISION, SHAPLEY, EPOCH_SUBSETS, FEATURE_DTYPE, LOG_WITH, LOG_DIR, SWEEP_FILE, EXTRA, TRAIN_KEYS,
+    epoch_text, split_list,
+)
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed (or set through the environment) rather than left to its default."""
+    return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
-def epoch_text(epochs: int | None) -> str:
-    return f"{epochs} epochs" if epochs else "each method's epochs (trained with)"
+def _with_file(ctx: typer.Context, command, values: dict, axes: bool = False) -> tuple[SimpleNamespace, dict]:
+    """A sweep command's options with its ``--config`` file's values where none was typed, and the
+    file's grid axes (``{name: text}``); each value is read as the option's declared type."""
+    import typing
+
+    from heads.train.configfile import coerce, read_config_file, sweep_file
+
+    kinds = {k: v for k, v in typing.get_type_hints(command).items() if k not in ("ctx", "config", "return")}
+    values = {k: values[k] for k in kinds} | {"config": values["config"]}
+    path = values["config"]
+    if path is None:
+        return SimpleNamespace(**values), {}
+    found, axis_text = sweep_file(read_config_file(path), path, list(kinds), axes)
+    for key, raw in found.items():
+        if not _typed(ctx, key):
+            values[key] = coerce(f"--config {path}: {key}", raw, kinds[key], none=True)
+    return SimpleNamespace(**values), axis_text
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+def _sweep_log(log_with: str | None, log_dir: Path | None):
+    from heads.sweeps.tracking import SweepLog
+    from heads.train.tracking import parse_log_with
+
+    trackers = parse_log_with(log_with)
+    return SweepLog(trackers, log_dir) if trackers else None
+
+
+def _rerun(ctx: typer.Context, config: Path, values: dict):
+    """``train-head --config``: the file's run, the options typed on the command line replacing its keys."""
+    from cache.store import _code_version
+    from cache.synthetic import resolve_caches
+    from heads.errors import OptionError
+    from heads.train.configfile import config_from_file, read_config_file, run_file
+    from heads.train.options import given_option_args
+
+    doc = read_config_file(config)
+    run = run_file(doc, config)
+    given = {k: values[k] for k in TRAIN_KEYS if _typed(ctx, k)}
+    method = given.get("method", run.train.get("method", "concat"))
+    cfg = config_from_file(run, config, given, given_option_args(method, list(ctx.args)))
+    if _typed(ctx, "cache") or not run.caches:
+        if not _typed(ctx, "cache") and not run.caches:
+            raise OptionError(f"--config {config} names no data.caches; give --cache")
+        caches = resolve_caches(values["cache"])
+    else:
+        caches = [path for entry in run.caches for path in resolve_caches(entry)]
+    mods = split_list(values["modalities"]) if _typed(ctx, "modalities") else run.modalities
+    if doc.get("code_version") not in (None, _code_version()):
+        typer.echo(f"warning: {config} was trained by code {doc['code_version']}, this is {_code_version()}; "
+                   "the numbers may differ", err=True)
+    return cfg, caches, mods
 
 
 def register(app: typer.Typer, guard) -> None:
@@ -65,12 +95,17 @@ def register(app: typer.Typer, guard) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same --name (whole, not merged)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        config: Path = typer.Option(None, "--config", help="Train the run of this config.json (or a YAML file with its keys, docs/configs.md) again; options typed here replace single keys."),
+        log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
         """Train one head on cached features; method options follow as --name value (e.g. --tau 0.3 --no-align).
 
         Writes runs/<name>/: config.json (resolved), epochs.csv, results.json, table.md, model.pt.
         An existing run of the same --name is refused unless --overwrite; --name is a folder name inside --out.
+        `--config runs/x/config.json` trains that run again (the same numbers).
         """
+        import contextlib
+
         from cache.replace import claim
         from cache.synthetic import resolve_caches
         from heads.blocks.data import load_head_data
@@ -80,6 +115,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.train.options import parse_option_args
         from heads.train.resume import checkpointer, drop, resumable_trainer
         from heads.train.rundir import run_folder, timestamp, write_whole
+        from heads.train.tracking import parse_log_with, run_log
         from heads.train.trainer import fit
 
         def new_run(folder_name: str) -> Path:
@@ -88,15 +124,20 @@ def register(app: typer.Typer, guard) -> None:
                 raise OptionError(f"run {run_dir} exists; add --overwrite to replace it, or choose another --name")
             return run_dir
 
-        method_class(method)
-        options = parse_option_args(method, list(ctx.args))
-        cfg = config_from_options(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
-                            missing_test, options, schedule, standardize, device, precision, epoch_subsets,
-                            shapley_permutations)
+        trackers = parse_log_with(log_with)
+        if config is None:
+            method_class(method)
+            options = parse_option_args(method, list(ctx.args))
+            cfg = config_from_options(method, epochs, seed, lr, batch_size, optimizer, hidden, weight_decay, missing_train,
+                                missing_test, options, schedule, standardize, device, precision, epoch_subsets,
+                                shapley_permutations)
+            caches, mods = resolve_caches(cache), split_list(modalities)
+        else:
+            cfg, caches, mods = _rerun(ctx, config, locals())
         if name is not None:
             new_run(name)  # refused before the cache loads
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
-        run_dir = run_folder(out, name or f"{method}-{data.meta['dataset']}-seed{seed}-{timestamp()}")
+        data = load_head_data(caches, mods, allow_nonfinite, join, feature_dtype)
+        run_dir = run_folder(out, name or f"{cfg.method}-{data.meta['dataset']}-seed{cfg.seed}-{timestamp()}")
         # How to come back to this run after a stop: the same command, with --name when it was generated.
         again = "rerun the same command" + ("" if name else f" with --name {run_dir.name}")
         with claim(run_dir, "run"):  # a second writer of the same name gets one line, not a lost run
@@ -106,9 +147,15 @@ def register(app: typer.Typer, guard) -> None:
                 typer.echo(f"resuming {run_dir} from its checkpoint at epoch {trainer.epoch}/{trainer.cfg.epochs}", err=True)
             elif not name and not quiet:
                 typer.echo(f"training into {run_dir}; if it is stopped, {again} to resume", err=True)
+
+            def train(tmp: Path):
+                log = run_log(trackers, log_dir, tmp, run_dir.name)
+                with log or contextlib.nullcontext():
+                    return fit(data, cfg, tmp, progress=not quiet, trainer=trainer,
+                               on_epoch=checkpointer(run_dir, cfg, data), log=log)
+
             try:
-                result = write_whole(run_dir, lambda tmp: fit(data, cfg, tmp, progress=not quiet, trainer=trainer,
-                                                                on_epoch=checkpointer(run_dir, cfg, data)))
+                result = write_whole(run_dir, train)
             except KeyboardInterrupt as err:
                 raise type(err)(f"{'terminated' if type(err) is not KeyboardInterrupt else 'interrupted'} at epoch "
                                 f"{trainer.epoch}/{trainer.cfg.epochs}; its checkpoint is kept: {again} to resume") from None
@@ -116,10 +163,10 @@ def register(app: typer.Typer, guard) -> None:
         typer.echo((run_dir / "table.md").read_text().rstrip())
         typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs} · {result.seconds:.1f} s · {run_dir}")
 
-
     @app.command()
     @guard
     def compare(
+        ctx: typer.Context,
         methods: str = typer.Option(None, help="Comma-separated method specs, NAME[key=value;...] sets options (default: every method)."),
         paper: str = typer.Option(None, "--paper", help="edm, mla, ccat or balancemm: run the methods of that paper's main table (BalanceMM: its results table) that this tool has, each with its own training settings, and print the paper's numbers beside ours."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
@@ -134,6 +181,7 @@ def register(app: typer.Typer, guard) -> None:
         same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, 100 epochs, or the options given) instead of each paper's."),
         tune: str = typer.Option(None, "--tune", help="Each method at its best validated setting: a grid per method, selected on validation, test of the selected setting only. 'lr' = the method's lr × 0.1, 1, 10; or lr=1e-4,1e-3,epochs=50,100 (x0.1 = a factor of the method's own)."),
         prune: bool = typer.Option(False, "--prune", help="With --tune: successive halving within each method's grid."),
+        config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
         """Train several methods over several seeds; print and write the paper-style table (mean ± std).
 
@@ -162,45 +210,47 @@ def register(app: typer.Typer, guard) -> None:
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
 
-        if paper is not None:
-            if methods:
+        o, _ = _with_file(ctx, compare, locals())
+        track = _sweep_log(o.log_with, o.log_dir)
+        if o.paper is not None:
+            if o.methods:
                 raise OptionError("--paper runs the methods of that paper's table; give --paper or --methods, not both")
-            if same_optimizer:
+            if o.same_optimizer:
                 raise OptionError("--paper trains each method with its paper's settings; drop --same-optimizer "
                                   "(or give --methods for a same-setting comparison)")
-            if tune is not None:
+            if o.tune is not None:
                 raise OptionError("--paper trains each method with its paper's exact settings; drop --tune "
                                   "(or give --methods to tune them)")
-            printed, first = paper_table(paper)
+            printed, first = paper_table(o.paper)
         else:
-            specs = split_specs(methods or ",".join(METHODS))
+            specs = split_specs(o.methods or ",".join(METHODS))
             first = specs[0].split("[")[0]
-        seed_list = parse_seeds(seeds)
-        if prune and tune is None:
+        seed_list = parse_seeds(o.seeds)
+        if o.prune and o.tune is None:
             raise OptionError("--prune applies to --tune's grids; add --tune")
-        if tune is not None:  # refused before the cache loads
-            check_given(parse_tune(tune), {"lr": lr, "batch_size": batch_size, "optimizer": optimizer,
-                                           "weight_decay": weight_decay, "schedule": schedule, "hidden": hidden
-                                           if hidden != HIDDEN.default else None, "standardize": None})
-        if same_optimizer:
-            optimizer, lr, weight_decay = optimizer or SHARED.optimizer, lr or SHARED.lr, SHARED.weight_decay if weight_decay is None else weight_decay
-            schedule, batch_size = schedule or SHARED.schedule, batch_size or SHARED.batch_size
-            epochs = epochs or SHARED.epochs
-        base = config_from_options(first, epochs, 0, lr, batch_size, optimizer, hidden, weight_decay,
-                                   missing_train, missing_test, schedule=schedule, standardize=standardize, device=device,
-                                   precision=precision, epoch_subsets=epoch_subsets,
-                                   shapley_permutations=shapley_permutations)
-        folder = run_folder(out, name or f"compare-{paper + '-' if paper else ''}{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
-        summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on "
-                   f"validation · features standardised: {standardize}")
-        if paper is None:
-            if tune is None:
-                table, results = run_compare(data, specs, seed_list, base, folder, progress=not quiet, workers=workers,
-                                             overwrite=overwrite)
+        if o.tune is not None:  # refused before the cache loads
+            check_given(parse_tune(o.tune), {"lr": o.lr, "batch_size": o.batch_size, "optimizer": o.optimizer,
+                                           "weight_decay": o.weight_decay, "schedule": o.schedule, "hidden": o.hidden
+                                           if o.hidden != HIDDEN.default else None, "standardize": None})
+        if o.same_optimizer:
+            o.optimizer, o.lr, o.weight_decay = o.optimizer or SHARED.optimizer, o.lr or SHARED.lr, SHARED.weight_decay if o.weight_decay is None else o.weight_decay
+            o.schedule, o.batch_size = o.schedule or SHARED.schedule, o.batch_size or SHARED.batch_size
+            o.epochs = o.epochs or SHARED.epochs
+        base = config_from_options(first, o.epochs, 0, o.lr, o.batch_size, o.optimizer, o.hidden, o.weight_decay,
+                                   o.missing_train, o.missing_test, schedule=o.schedule, standardize=o.standardize, device=o.device,
+                                   precision=o.precision, epoch_subsets=o.epoch_subsets,
+                                   shapley_permutations=o.shapley_permutations)
+        folder = run_folder(o.out, o.name or f"compare-{o.paper + '-' if o.paper else ''}{timestamp()}")
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(o.epochs)} · selection on "
+                   f"validation · features standardised: {o.standardize}")
+        if o.paper is None:
+            if o.tune is None:
+                table, results = run_compare(data, specs, seed_list, base, folder, progress=not o.quiet, workers=o.workers,
+                                             overwrite=o.overwrite, track=track)
             else:
-                table, results, _ = compare_tune(data, specs, seed_list, base, folder, tune, prune, progress=not quiet,
-                                                 workers=workers)
+                table, results, _ = compare_tune(data, specs, seed_list, base, folder, o.tune, o.prune, progress=not o.quiet,
+                                                 workers=o.workers)
                 summary += " · each method at its best validated setting (--tune; tuned.json)"
             typer.echo(f"{summary}\n{table.rstrip()}")
             line = summary_line(run_groups(results))
@@ -208,17 +258,16 @@ def register(app: typer.Typer, guard) -> None:
                 typer.echo(line)
             typer.echo(f"written to {folder}")
             return
-        body = compare_paper(data, paper, printed, seed_list, base, folder, summary, progress=not quiet,
-                             workers=workers, echo=typer.echo, overwrite=overwrite)
+        body = compare_paper(data, o.paper, printed, seed_list, base, folder, summary, progress=not o.quiet,
+                             workers=o.workers, echo=typer.echo, overwrite=o.overwrite, track=track)
         typer.echo(body)
         typer.echo(f"written to {folder} (paper.md beside table.md)")
-
 
     @app.command("grid", context_settings=EXTRA)
     @guard
     def grid_cmd(
         ctx: typer.Context,
-        method: str = typer.Option(..., help="Method to tune; `cli.py methods` lists its options."),
+        method: str = typer.Option(None, help="Method to tune; `cli.py methods` lists its options."),
         seeds: str = typer.Option("3", help="A count (3 → seeds 0,1,2) or a list (0,5,9)."),
         cache: str = CACHE, allow_nonfinite: bool = NONFINITE, join: str = JOIN, epochs: int = EPOCHS,
         prune: bool = typer.Option(False, help="Successive halving: the worse half of the configs stops at E/8, E/4, E/2."),
@@ -233,6 +282,7 @@ def register(app: typer.Typer, guard) -> None:
         shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
         overwrite: bool = SWEEP_OVERWRITE,
         stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
+        config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
         """Tune a method over seeds and select on validation; axes follow as --name values.
 
@@ -240,25 +290,34 @@ def register(app: typer.Typer, guard) -> None:
         Any method option or training setting is an axis: --tau 0.0:0.9:0.1 --lr 1e-3,3e-3 --no-align.
         Writes OUT/NAME/: one folder per run, grid.json, grid.parquet, grid.csv, grid.md, grid.png;
         model.pt only in the selected config's runs unless --keep-models. More than 200 runs need --yes.
+        A --config file gives the options and an `axes:` mapping (docs/configs.md).
         """
         from cache.synthetic import resolve_caches
         from heads.blocks.data import load_head_data
+        from heads.errors import OptionError
         from heads.sweeps.axes import check_size, parse_axis_args
         from heads.sweeps.grid import run_grid
         from heads.sweeps.specs import parse_seeds
         from heads.train.config import config_from_options
         from heads.train.rundir import run_folder, timestamp
 
-        axes = parse_axis_args(method, list(ctx.args))
-        seed_list = parse_seeds(seeds)
-        check_size(axes, seed_list, protocol, yes)  # before the cache loads
+        o, file_axes = _with_file(ctx, grid_cmd, locals(), axes=True)
+        if o.method is None:
+            raise OptionError("grid needs --method (or method: in its --config file)")
+        words = [w for k, v in file_axes.items() for w in (f"--{k}", v)]
+        axes = {**parse_axis_args(o.method, words), **parse_axis_args(o.method, list(ctx.args))}
+        seed_list = parse_seeds(o.seeds)
+        check_size(axes, seed_list, o.protocol, o.yes)  # before the cache loads
+        track = _sweep_log(o.log_with, o.log_dir)
         # Settings that are not axes keep the defaults of train-head, read from the shared options.
-        base = config_from_options(method, epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0, device=device,
-                             precision=precision, epoch_subsets=epoch_subsets, shapley_permutations=shapley_permutations)
-        folder = run_folder(out, name or f"grid-{method}-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
-        outcome = run_grid(data, method, axes, seed_list, base, folder, prune, protocol, workers, progress=not quiet,
-                           yes=yes, keep_models=keep_models, stack=stack, overwrite=overwrite)
+        base = config_from_options(o.method, o.epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0,
+                                   device=o.device, precision=o.precision, epoch_subsets=o.epoch_subsets,
+                                   shapley_permutations=o.shapley_permutations)
+        folder = run_folder(o.out, o.name or f"grid-{o.method}-{timestamp()}")
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        outcome = run_grid(data, o.method, axes, seed_list, base, folder, o.prune, o.protocol, o.workers,
+                           progress=not o.quiet, yes=o.yes, keep_models=o.keep_models, stack=o.stack,
+                           overwrite=o.overwrite, track=track)
         sel = outcome.selection
         typer.echo((folder / "grid.md").read_text().rstrip())
         typer.echo(f"selected on validation: {sel.config} · val {sel.val_mean:.2f} ± {sel.val_std:.2f} · "
@@ -271,6 +330,7 @@ def register(app: typer.Typer, guard) -> None:
     @app.command("robustness")
     @guard
     def robustness_cmd(
+        ctx: typer.Context,
         methods: str = typer.Option("concat,edm", help="Comma-separated method specs, NAME[key=value;...] sets options."),
         missing: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5", help="Missing rates η in [0, 1), comma-separated (0 is always added); each modality loses exactly η of its samples, so η ≤ (M−1)/M."),
         protocol: str = typer.Option("both", help="mla (masked in train, val and test), test-only (masked at test only) or both."),
@@ -282,6 +342,7 @@ def register(app: typer.Typer, guard) -> None:
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
         device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
         overwrite: bool = SWEEP_OVERWRITE,
+        config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
         """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -294,49 +355,18 @@ def register(app: typer.Typer, guard) -> None:
         from heads.sweeps.specs import parse_method_spec, parse_seeds, split_specs
         from heads.train.rundir import run_folder, timestamp
 
-        labels = split_specs(methods)
+        o, _ = _with_file(ctx, robustness_cmd, locals())
+        labels = split_specs(o.methods)
         names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
-        rates, protocols, seed_list = parse_rates(missing), parse_protocols(protocol), parse_seeds(seeds)
-        base = config_from_options(names[0], epochs, 0, lr, batch_size, optimizer, hidden, weight_decay, 0.0, 0.0,
-                             schedule=schedule, standardize=standardize, device=device, precision=precision,
-                             shapley_permutations=shapley_permutations)
-        folder = run_folder(out, name or f"robustness-{timestamp()}")
-        data = load_head_data(resolve_caches(cache), _split_list(modalities), allow_nonfinite, join, feature_dtype)
-        run_robustness(data, labels, rates, seed_list, protocols, base, folder, workers, progress=not quiet,
-                       overwrite=overwrite)
-        typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(epochs)} · selection on validation")
+        rates, protocols, seed_list = parse_rates(o.missing), parse_protocols(o.protocol), parse_seeds(o.seeds)
+        track = _sweep_log(o.log_with, o.log_dir)
+        base = config_from_options(names[0], o.epochs, 0, o.lr, o.batch_size, o.optimizer, o.hidden, o.weight_decay,
+                                   0.0, 0.0, schedule=o.schedule, standardize=o.standardize, device=o.device,
+                                   precision=o.precision, shapley_permutations=o.shapley_permutations)
+        folder = run_folder(o.out, o.name or f"robustness-{timestamp()}")
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        run_robustness(data, labels, rates, seed_list, protocols, base, folder, o.workers, progress=not o.quiet,
+                       overwrite=o.overwrite, track=track)
+        typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(o.epochs)} · selection on validation")
         typer.echo((folder / "robustness.md").read_text().rstrip())
         typer.echo(f"written to {folder} (robustness.json, .parquet, .csv, .md, .png)")
-
-
-    @app.command("report")
-    @guard
-    def report_cmd(
-        folders: list[Path] = typer.Argument(..., help="Run, compare, grid or robustness folders."),
-        out: Path = typer.Option(None, "--out", help="One report.md for all folders here (default: a report.md in each folder)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out: a file of that name, or the report.md in it."),
-    ):
-        """Paper-style Markdown tables and PNG figures (per-epoch EDM, φ, order; τ/β curves; robustness curves)."""
-        from heads.reports.folders import write_report
-
-        for path in write_report(folders, out, overwrite):
-            typer.echo(f"wrote {path} (figures beside it)")
-
-
-    @app.command()
-    def methods():
-        """List the head methods and their options with defaults."""
-        import dataclasses
-
-        from heads.methods import METHODS
-
-        for name, cls in METHODS.items():
-            typer.echo(f"{name}: {cls.summary}")
-            typer.echo(f"    trains with {cls.training.describe()}")
-            typer.echo(f"        ({cls.training.source})")
-            typer.echo(f"    modalities: {cls.modality_rule}")
-            for f in dataclasses.fields(cls.Options):
-                flag = f"--{f.name.replace('_', '-')}"
-                if f.type in (bool, "bool"):
-                    flag = f"{flag} / --no-{f.name.replace('_', '-')}"
-                typer.echo(f"    {flag:34s} default {f.default!r:18s} {f.metadata.get('help', '')}")

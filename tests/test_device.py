@@ -141,6 +141,32 @@ def test_batched_subsets_give_the_predictions_of_one_pass_per_subset():
     assert loss == pytest.approx(predict(model, data.val, data.spec.modalities, 5, with_loss=True)[1], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["concat", "edm"])  # scored together / one pass per subset (edm aligns across a batch)
+def test_subset_probabilities_are_the_softmax_of_each_subsets_logits(method):
+    data = random_data(modalities=3)
+    model = build_model(TrainConfig(method=method, hidden=8, device="cpu"), data.spec)
+    model.standardizer.fit(data.train)
+    subsets = [s for s in metrics.all_subsets(data.spec.modalities) if s]
+    probs: dict = {}
+    preds, _ = predict_subsets(model, data.val, subsets, batch_size=7, full=frozenset(data.spec.modalities), probs=probs)
+    assert set(probs) == set(subsets)
+    order = data.val.__dict__["_eval_order"]
+    for s in subsets:
+        assert probs[s].shape == (len(data.val), data.spec.num_classes) and probs[s].dtype == torch.float32
+        assert torch.equal(probs[s].argmax(-1), preds[s]), s
+        for start in range(0, len(data.val), 7):  # the evaluation's own batches, row by row
+            rows = order[start:start + 7]
+            batch = model.standardizer(data.val.batch(rows).only(s))
+            with torch.inference_mode():
+                expected = model.logits(batch).float().softmax(-1)
+            torch.testing.assert_close(probs[s][rows], expected, rtol=1e-5, atol=1e-6)
+    alone: dict = {}
+    predict(model, data.val, ["m0"], 7, probs=alone)
+    torch.testing.assert_close(alone[frozenset(["m0"])], probs[frozenset(["m0"])], rtol=1e-5, atol=1e-6)
+    without = predict_subsets(model, data.val, subsets, batch_size=7, full=frozenset(data.spec.modalities))
+    assert all(torch.equal(without[0][s], preds[s]) for s in subsets)
+
+
 def test_stacked_subset_batch_makes_the_outside_modalities_absent():
     from heads.train.evaluation import _stack_subsets
 

@@ -3,7 +3,7 @@ checkpoints or finishes (``jobs.py``), worker processes (``workers.py``), stacke
 that share their shapes (``stacked.py``, ``stacked_optim.py``), the runner that plans, prunes and
 resumes a sweep (``sweep.py``), and the sweeps users run: grids with their axes and selection
 (``axes.py``, ``grid.py``), comparisons (``compare.py``) and robustness
-(``robustness.py``).
+(``robustness.py``); a sweep's runs in the trackers, grouped by sweep (``tracking.py``).
 
 May import: ``heads.train`` and everything below it, and ``heads.reports`` to write tables.
 """

@@ -22,11 +22,13 @@ from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
 from heads.sweeps.tune import compare_tuned, parse_tune
+from heads.sweeps.tracking import SweepLog
 from heads.train.config import TrainConfig
 
 
 def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
-            progress: bool = True, workers: int = 0, overwrite: bool = False) -> tuple[str, list[dict]]:
+            progress: bool = True, workers: int = 0, overwrite: bool = False,
+            track: SweepLog | None = None) -> tuple[str, list[dict]]:
     """Fit every method spec with every seed; write each run, the results CSV and the table.
 
     The runs go through the grid's sweep runner: one worker process per core (``workers``; 1 trains
@@ -38,7 +40,7 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
                          {"label": spec}) for seed in seeds]
-    results = run_sweep(data, runs, out, workers, progress=progress, label="compare", overwrite=overwrite)
+    results = run_sweep(data, runs, out, workers, progress=progress, label="compare", overwrite=overwrite, track=track)
     return write_outputs(results, data, out), results
 
 
@@ -75,7 +77,8 @@ def paper_table(paper: str) -> tuple[dict, str]:
 
 
 def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], base: TrainConfig, out: Path,
-                  summary: str, progress: bool = True, workers: int = 0, echo=print, overwrite: bool = False) -> str:
+                  summary: str, progress: bool = True, workers: int = 0, echo=print, overwrite: bool = False,
+                  track: SweepLog | None = None) -> str:
     """The rows of ``paper``'s table that we implement, each with its paper's settings, and the paper's
     number for the cache's dataset beside ours. ``echo`` shows the plan before training starts; the
     report (returned) is also written to ``out/paper.md``."""
@@ -90,7 +93,7 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
             selected.append(line)
             echo(line)
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
-    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers, overwrite=overwrite)
+    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers, overwrite=overwrite, track=track)
     body = "\n".join([f"{summary}\n{paper_report(printed, rows, columns, results, data)}".rstrip(), *selected])
     line = summary_line(run_groups(results))
     body += f"\n{line}" if line else ""

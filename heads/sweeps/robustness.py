@@ -27,6 +27,7 @@ from heads.sweeps.grid import write_table
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
 from heads.sweeps.sweep import run_sweep
+from heads.sweeps.tracking import SweepLog
 from heads.train.config import TrainConfig, resolve_training
 
 PROTOCOLS = ("mla", "test-only")
@@ -109,14 +110,14 @@ def robustness_summary(rows: list[dict]) -> list[dict]:
 
 def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds: list[int], protocols: list[str],
                    base: TrainConfig, folder: Path, workers: int = 0, progress: bool = True,
-                   overwrite: bool = False) -> list[dict]:
+                   overwrite: bool = False, track: SweepLog | None = None) -> list[dict]:
     """Run (or resume) the sweep; write ``robustness.json``, ``.parquet``/``.csv``, ``.md`` and ``.png``.
 
     Returns the summary rows (mean ± std per protocol, method and rate).
     """
     start = time.perf_counter()
     specs = robustness_specs(labels, rates, seeds, protocols, base)
-    records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness", overwrite=overwrite)
+    records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness", overwrite=overwrite, track=track)
     rows = robustness_rows(records, rates, protocols, data.spec.modalities)
     summary = robustness_summary(rows)
     write_table(rows, folder / "robustness")

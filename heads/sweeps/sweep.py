@@ -42,6 +42,7 @@ from heads.blocks.progress import Progress
 from heads.errors import OptionError
 from heads.sweeps.jobs import Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, work
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
+from heads.sweeps.tracking import SweepLog
 from heads.sweeps.workers import Workers, default_workers
 from heads.train.config import build_model, resolve_training
 from heads.train.resume import differences
@@ -200,7 +201,8 @@ STACK_MODES = ("auto", "on", "off")
 
 
 def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int = 0, prune: bool = False,
-              progress: bool = True, label: str = "grid", stack: str = "auto", overwrite: bool = False) -> list[dict]:
+              progress: bool = True, label: str = "grid", stack: str = "auto", overwrite: bool = False,
+              track: SweepLog | None = None) -> list[dict]:
     """Run (or resume) every spec into ``folder``; return their results records in spec order.
 
     ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
@@ -212,6 +214,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     the other runs train one at a time in this process (``workers`` applies to the CPU).
     ``overwrite``: retrain runs the folder holds under the same name with another config (else refused).
     The folder is claimed for the sweep (``cache.replace.claim``): a second sweep into it gets one line.
+    ``track``: log each run to the trackers when it finishes (``heads/sweeps/tracking.py``).
 
     Everything that can be checked without training is checked before ``folder`` is made, and a
     folder this call made is removed again if it is still empty when the sweep fails or is stopped:
@@ -235,7 +238,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with claim(folder, "--name"):
-            return _sweep(data, specs, folder, workers, prune, progress, label, stack, overwrite)
+            return _sweep(data, specs, folder, workers, prune, progress, label, stack, overwrite, track)
     except BaseException:
         for path in made:
             if path.is_dir() and not any(path.iterdir()):
@@ -244,7 +247,8 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
 
 
 def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
-           label: str, stack: str = "auto", overwrite: bool = False) -> list[dict]:
+           label: str, stack: str = "auto", overwrite: bool = False,
+           track: SweepLog | None = None) -> list[dict]:
     on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
     if on_gpu:
         workers = 1  # one process owns the device; stacking is how a GPU sweep runs runs in parallel
@@ -257,6 +261,11 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     for spec in specs:
         groups.setdefault(spec.group, []).append(spec)
     state = _State(folder, specs, data, overwrite)
+
+    def update(name: str, result: dict) -> None:
+        state.update(name, result)
+        if track is not None and "record" in result:
+            track.log(folder, name)
     workers = min(workers or default_workers(), len(specs))
     threads = max(1, default_workers() // workers)
 
@@ -291,13 +300,13 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
                                        f"{len(plan) + len(together)} run(s)")
                 for jobs in stacks:
                     for job, result in zip(jobs, advance_stacked(data, jobs)):
-                        state.update(job.spec.name, result)
+                        update(job.spec.name, result)
                         bar.update(advance=job.until - job.start)
                 if chains:
                     if runner is None:
                         runner = Workers(data, workers, threads, work)
                     for name, result in _run_chains(runner, chains, workers, tick).items():
-                        state.update(name, result)
+                        update(name, result)
                 if final:
                     break
                 score = {g: statistics.mean(max(state.curve[s.name][:target]) for s in groups[g]) for g in alive}
@@ -316,6 +325,8 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
         record = state.finished[spec.name]
         if spec.test_rates and not all(str(r) in record.get("missing_test", {}) for r in spec.test_rates):
             record = add_test_rates(folder / spec.name, data, spec)
+        if track is not None:  # runs an earlier call finished (those logged already are skipped)
+            track.log(folder, spec.name)
         records.append(record)
     return records
 

@@ -61,30 +61,46 @@ def _logits(model, batch, prepared: bool) -> torch.Tensor:
     return model.logits(batch if prepared else model.standardizer(batch))
 
 
-def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: bool = False, prepared: bool = False):
+def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: bool = False, prepared: bool = False,
+            probs: dict | None = None):
     """Predicted classes with only ``modalities`` present (the others exactly as missing).
 
     Fixed-size batches in ``evaluation_order``; each batch goes through the model's standardiser
     first, as in training (``prepared``: the split is already standardised, as the trainer keeps it).
     With ``with_loss`` also returns the mean cross-entropy of the logits. Predictions and the loss
-    stay on the split's device until the end. (A ``with`` block rather than a decorator, so that
+    stay on the split's device until the end. With ``probs`` (a dict), also puts the softmax of the
+    logits, ``[N, classes]`` in the split's order, at ``probs[frozenset(modalities)]`` (``predict``
+    the command's per-sample probabilities). (A ``with`` block rather than a decorator, so that
     mutation testing reaches this function.)
     """
     model.eval()
     index, host = evaluation_order(split), host_order(split)
     preds = torch.empty(len(split), dtype=torch.long, device=split.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
+    scores = None
     with torch.inference_mode(), model_autocast(model):
         for start in range(0, len(split), batch_size):
             rows = index[start:start + batch_size]
             batch = split.batch(rows, host[start:start + batch_size]).only(modalities)
             logits = _logits(model, batch, prepared)
             preds[rows] = logits.argmax(-1)
+            if probs is not None:
+                scores = _scores(scores, len(split), logits)
+                scores[rows] = logits.float().softmax(-1)
             if with_loss:
                 loss_sum += nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum").double()
+    if probs is not None:
+        probs[frozenset(modalities)] = scores
     if with_loss:
         return preds, float(loss_sum) / max(len(split), 1)
     return preds
+
+
+def _scores(scores, rows: int, logits: torch.Tensor) -> torch.Tensor:
+    """The ``[rows, classes]`` buffer for probabilities, made at the first batch (when the width is known)."""
+    if scores is None:
+        scores = torch.empty(rows, logits.shape[-1], dtype=torch.float32, device=logits.device)
+    return scores
 
 
 STACKED_EVAL_ROWS = 16_384  # rows per forward pass when subsets are scored together
@@ -108,8 +124,9 @@ def _stack_subsets(batch, subsets: list[frozenset]):
 
 
 def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_size: int, prepared: bool = False,
-                    full: frozenset | None = None) -> tuple[dict[frozenset, torch.Tensor], float]:
-    """Predictions for each subset, and the mean cross-entropy of subset ``full`` (NaN if not given).
+                    full: frozenset | None = None, probs: dict | None = None) -> tuple[dict[frozenset, torch.Tensor], float]:
+    """Predictions for each subset, and the mean cross-entropy of subset ``full`` (NaN if not given);
+    with ``probs``, each subset's softmax probabilities too (as ``predict`` gives them).
 
     Methods whose prediction for a sample depends on that sample alone (``batch_independent``) score
     all subsets in one pass per chunk of rows: the chunk is repeated once per subset, masked, and sent
@@ -120,14 +137,15 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
         preds, loss = {}, float("nan")
         for s in subsets:
             if s == full:
-                preds[s], loss = predict(model, split, s, batch_size, with_loss=True, prepared=prepared)
+                preds[s], loss = predict(model, split, s, batch_size, with_loss=True, prepared=prepared, probs=probs)
             else:
-                preds[s] = predict(model, split, s, batch_size, prepared=prepared)
+                preds[s] = predict(model, split, s, batch_size, prepared=prepared, probs=probs)
         return preds, loss
     model.eval()
     index, host = evaluation_order(split), host_order(split)
     chunk = max(batch_size, STACKED_EVAL_ROWS // len(subsets))
     preds = {s: torch.empty(len(split), dtype=torch.long, device=split.device) for s in subsets}
+    scores = dict.fromkeys(subsets)
     at = subsets.index(full) if full in subsets else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
     with torch.inference_mode(), model_autocast(model):
@@ -138,8 +156,13 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
             best = logits.argmax(-1)
             for i, s in enumerate(subsets):
                 preds[s][rows] = best[i]
+                if probs is not None:
+                    scores[s] = _scores(scores[s], len(split), logits)
+                    scores[s][rows] = logits[i].float().softmax(-1)
             if at is not None:
                 loss_sum += nn.functional.cross_entropy(logits[at].float(), batch.y, reduction="sum").double()
+    if probs is not None:
+        probs.update(scores)
     return preds, (float(loss_sum) / max(len(split), 1) if at is not None else float("nan"))
 
 

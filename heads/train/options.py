@@ -70,6 +70,11 @@ def resolve_options(method: str, given: dict) -> dict:
 
 def parse_option_args(method: str, args: list[str]) -> dict:
     """Turn ``--tau 0.3 --no-align --order=fixed`` (extra CLI words) into a method options dict."""
+    return resolve_options(method, given_option_args(method, args))
+
+
+def given_option_args(method: str, args: list[str]) -> dict:
+    """Only the options ``args`` give (checked), as typed: what replaces single keys of a config file."""
     names = {f.name for f in option_fields(method)}
 
     def is_flag(name: str) -> bool:
@@ -95,4 +100,5 @@ def parse_option_args(method: str, args: list[str]) -> dict:
             given[name] = args[i + 1]
             i += 1
         i += 1
-    return resolve_options(method, given)
+    resolve_options(method, given)  # every name and value checked
+    return {key.replace("-", "_"): value for key, value in given.items()}

@@ -84,27 +84,39 @@ def write_whole(final: Path, write):
     return result
 
 
+def run_config(cfg: TrainConfig, data: HeadData, device: str, precision: str) -> dict:
+    """What ``config.json`` holds: the resolved training config, the data it read, the code version
+    and where it ran. The trackers log the same dict as the run's hyperparameters."""
+    train = dataclasses.asdict(cfg)
+    train["options"] = resolve_options(cfg.method, cfg.options)
+    return {"train": train, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": code_version(),
+            "used": {"device": device, "precision": precision}}
+
+
+def results_record(result: FitResult) -> dict:
+    """What ``results.json`` holds: the selected epoch, how it trained, its validation and test reports,
+    and its convergence diagnostics (``heads/reports/convergence.py``)."""
+    c = result.config
+    role = getattr(result.model, "trained_with", str)()  # what the method's options decide that a reader must see (FiLM's condition)
+    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size} {c.epochs} epoch{'s' if c.epochs != 1 else ''}"
+                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}{f' · {role}' if role else ''}")
+    return {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
+            "precision": result.precision, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json(),
+            "convergence": diagnose(result.epochs, result.best_epoch)}
+
+
 def write_run(run_dir: Path, result: FitResult, data: HeadData) -> None:
     """``config.json`` (resolved), ``epochs.csv``, ``results.json``, ``table.md``, ``model.pt``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.asdict(result.config)
-    cfg["options"] = resolve_options(result.config.method, result.config.options)
-    config = {"train": cfg, "data": data.meta, "spec": dataclasses.asdict(data.spec), "code_version": code_version(),
-              "used": {"device": result.device, "precision": result.precision}}
+    config = run_config(result.config, data, result.device, result.precision)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     with open(run_dir / "epochs.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in result.epochs for k in r))
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(result.epochs)
-    c = result.config
-    role = getattr(result.model, "trained_with", str)()  # what the method's options decide that a reader must see (FiLM's condition)
-    training = (f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g} {c.schedule} batch {c.batch_size} {c.epochs} epoch{'s' if c.epochs != 1 else ''}"
-                f"{'' if c.standardize == 'feature' else f' standardize {c.standardize}'}{f' · {role}' if role else ''}")
-    results = {"method": result.config.method, "seed": result.config.seed, "training": training, "device": result.device,
-               "precision": result.precision, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "seconds": result.seconds, "val": result.val.to_json(), "test": result.test.to_json(),
-               "convergence": diagnose(result.epochs, result.best_epoch)}
+    results = results_record(result)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "table.md").write_text(results_table([results], data.spec.modalities))
     torch.save({"config": config, "state": result.model.state_dict()}, run_dir / "model.pt")

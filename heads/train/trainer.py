@@ -181,22 +181,32 @@ class Trainer:
 
 
 def fit(data: HeadData, cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-        model=None, trainer: Trainer | None = None, on_epoch=None) -> FitResult:
+        model=None, trainer: Trainer | None = None, on_epoch=None, log=None) -> FitResult:
     """Train ``cfg.method`` on ``data``, select the epoch with the best validation accuracy, test it once.
 
     ``trainer``: one restored from a checkpoint (``heads/train/resume.py``), continued from its epoch;
-    ``on_epoch(trainer, report)`` runs after each epoch (the resume checkpoint).
+    ``on_epoch(trainer, report)`` runs after each epoch (the resume checkpoint). ``log`` (a
+    ``heads.train.tracking.RunLog``) is started before the first epoch (so its set-up is not counted in
+    the run's seconds), gets each epoch's row as it ends and the result once the run folder is written,
+    so trackers watch the run live.
     """
     trainer = trainer or Trainer(data, cfg, model)
     cfg = trainer.cfg  # resolved: the method's epoch count when none was given
+    if log is not None:
+        log.start_trainer(trainer)
     what = f"{cfg.method} seed {cfg.seed}"
     with Progress(what, total=cfg.epochs, enabled=progress) as bar:
         bar.update(completed=trainer.epoch)
 
         def show(t: Trainer, report: Report) -> None:
             bar.update(advance=1, description=f"{what} · val {report.acc:.1f}% (best {t.best:.1f}% @ {t.best_epoch})")
+            if log is not None:
+                log.epoch(t.rows[-1])
             if on_epoch is not None:
                 on_epoch(t, report)
 
         trainer.run(cfg.epochs, show)
-    return trainer.finish(run_dir)
+    result = trainer.finish(run_dir)
+    if log is not None:
+        log.finish_fit(result, run_dir)
+    return result
