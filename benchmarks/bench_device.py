@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from cache.synthetic import builtin_cache  # noqa: E402
 from heads.train.config import TrainConfig  # noqa: E402
 from heads.train.trainer import Trainer
-from heads.blocks.data import load_head_data  # noqa: E402
+from heads.blocks.loading import load_head_data  # noqa: E402
 from heads.blocks.device import cpu_native_bf16  # noqa: E402
 from bench_heads import SAME, matmul_gflops  # noqa: E402  (the same bound as bench_heads.py)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from cache.synthetic import builtin_cache  # noqa: E402
 from heads.train.config import TrainConfig  # noqa: E402
 from heads.train.trainer import fit
-from heads.blocks.data import load_head_data  # noqa: E402
+from heads.blocks.loading import load_head_data  # noqa: E402
 from heads.sweeps.axes import expand, parse_values  # noqa: E402
 from heads.sweeps.grid import run_grid
 from heads.sweeps.sweep import halving_milestones  # noqa: E402

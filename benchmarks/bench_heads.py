@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from cache.synthetic import builtin_cache  # noqa: E402
 from heads.train.config import TrainConfig  # noqa: E402
 from heads.train.trainer import Trainer
-from heads.blocks.data import load_head_data  # noqa: E402
+from heads.blocks.loading import load_head_data  # noqa: E402
 from heads.methods import METHODS  # noqa: E402
 from heads.blocks.optim import SHARED  # noqa: E402
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache import cache_info, load_meta  # noqa: E402
 from cache.store import shard_files  # noqa: E402
-from heads.blocks.data import load_head_data  # noqa: E402
+from heads.blocks.loading import load_head_data  # noqa: E402
 
 GB = 1024 ** 3
 

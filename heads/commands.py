@@ -108,7 +108,7 @@ def register(app: typer.Typer, guard) -> None:
 
         from cache.replace import claim
         from cache.synthetic import resolve_caches
-        from heads.blocks.data import load_head_data
+        from heads.blocks.loading import load_head_data
         from heads.errors import OptionError
         from heads.methods import method_class
         from heads.train.config import config_from_options
@@ -197,7 +197,7 @@ def register(app: typer.Typer, guard) -> None:
         the cache's dataset beside ours; also written to OUT/NAME/paper.md.
         """
         from cache.synthetic import resolve_caches
-        from heads.blocks.data import load_head_data
+        from heads.blocks.loading import load_head_data
         from heads.blocks.optim import SHARED
         from heads.errors import OptionError
         from heads.methods import METHODS
@@ -293,7 +293,7 @@ def register(app: typer.Typer, guard) -> None:
         A --config file gives the options and an `axes:` mapping (docs/configs.md).
         """
         from cache.synthetic import resolve_caches
-        from heads.blocks.data import load_head_data
+        from heads.blocks.loading import load_head_data
         from heads.errors import OptionError
         from heads.sweeps.axes import check_size, parse_axis_args
         from heads.sweeps.grid import run_grid
@@ -349,7 +349,7 @@ def register(app: typer.Typer, guard) -> None:
         Writes OUT/NAME/: one folder per run, robustness.json, .parquet, .csv, .md and .png.
         """
         from cache.synthetic import resolve_caches
-        from heads.blocks.data import load_head_data
+        from heads.blocks.loading import load_head_data
         from heads.sweeps.robustness import parse_protocols, parse_rates, run_robustness
         from heads.train.config import config_from_options
         from heads.sweeps.specs import parse_method_spec, parse_seeds, split_specs

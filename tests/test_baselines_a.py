@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 from heads.train.config import build_model, TrainConfig
 from heads.train.trainer import fit
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 
 SPEC2 = DataSpec(["a", "v"], {"a": 6, "v": 4}, {"a": 1, "v": 1}, 3, ["x", "y", "z"], 0)
 SPEC3 = DataSpec(["a", "v", "t"], {"a": 6, "v": 4, "t": 5}, dict.fromkeys("avt", 1), 3, ["x", "y", "z"], 0)

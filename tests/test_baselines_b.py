@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from heads.train.config import build_model, TrainConfig
 from heads.train.trainer import fit
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 from heads.methods import METHODS
 from heads.methods.lfm import js_divergence
 from heads.methods.mmpareto import pareto_weights

@@ -214,7 +214,7 @@ def test_predict_full_set_accuracy_is_the_runs_test_accuracy(first, tiny, tmp_pa
 
 def test_predict_with_missing_test_uses_the_masks_a_run_would_draw(first, tiny, tmp_path):
     import polars as pl
-    from heads.blocks.data import load_head_data
+    from heads.blocks.loading import load_head_data
     from heads.sweeps.jobs import masked_test
     from heads.train.rundir import load_run
 

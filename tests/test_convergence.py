@@ -77,7 +77,7 @@ def test_tables_mark_rows_and_say_what_to_do_once():
 def test_the_flag_fires_on_a_run_cut_short(small_av, tmp_path):
     """Two epochs of SGD at a small rate: validation loss still falls at the end, and results.json says so;
     the same run trained long at a large rate is not marked ↗."""
-    from heads.blocks.data import load_head_data
+    from heads.blocks.loading import load_head_data
     from heads.train.config import TrainConfig
     from heads.train.trainer import fit
 

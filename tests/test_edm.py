@@ -8,7 +8,8 @@ from heads.train.config import build_model, TrainConfig
 from heads.train.rundir import load_run
 from heads.train.trainer import fit
 from heads.train.evaluation import evaluate, predict, Report
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 from heads.blocks.modules import Alignment, MemoryCell
 
 SPEC3 = DataSpec(modalities=["a", "b", "c"], dims={"a": 6, "b": 4, "c": 5}, tokens=dict.fromkeys("abc", 1),

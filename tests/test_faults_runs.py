@@ -25,7 +25,7 @@ from heads.sweeps import grid, sweep
 from heads.errors import OptionError
 from heads.train.config import TrainConfig
 from heads.train.trainer import Trainer
-from heads.blocks.data import load_head_data
+from heads.blocks.loading import load_head_data
 from tests.conftest import ROOT
 
 

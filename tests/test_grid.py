@@ -21,7 +21,8 @@ from heads.sweeps import grid, sweep
 from heads.errors import OptionError
 from heads.train.config import TrainConfig
 from heads.train.trainer import fit, Trainer
-from heads.blocks.data import load_head_data, SplitTensors
+from heads.blocks.data import SplitTensors
+from heads.blocks.loading import load_head_data
 from heads.sweeps.robustness import parse_protocols, parse_rates, run_robustness
 
 BASE = TrainConfig(method="edm", epochs=4, hidden=16, batch_size=64)

@@ -10,7 +10,8 @@ from heads.train.options import parse_option_args
 from heads.train.rundir import load_run
 from heads.train.trainer import fit
 from heads.train.evaluation import evaluate
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 
 SPEC = DataSpec(modalities=["a", "v"], dims={"a": 5, "v": 3}, tokens={"a": 1, "v": 1}, num_classes=4,
                 class_names=list("wxyz"), majority_class=0)

@@ -7,7 +7,8 @@ import torch
 
 from heads.train.config import build_model, TrainConfig
 from heads.train.trainer import fit
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 from heads.methods.mla import entropy_weights
 
 SPEC = DataSpec(modalities=["a", "v"], dims={"a": 5, "v": 3}, tokens={"a": 1, "v": 1}, num_classes=4,

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from cache.synthetic import builtin_cache
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 from heads.methods import METHODS
 from heads.metrics import all_subsets
 from heads.methods.agm import coefficients

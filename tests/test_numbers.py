@@ -14,7 +14,8 @@ from heads.train.rundir import load_run
 from heads.train.trainer import fit, Trainer
 from heads.blocks.order import evaluation_order
 from heads.train.evaluation import evaluate, predict
-from heads.blocks.data import Batch, DataSpec, load_head_data, SplitTensors
+from heads.blocks.data import Batch, DataSpec, SplitTensors
+from heads.blocks.loading import load_head_data
 from heads.methods import METHODS
 from heads.methods.ogm_ge import coefficient
 from heads.sweeps import compare as sweeps_compare

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from heads.blocks.data import Batch, DataSpec, load_head_data
+from heads.blocks.data import Batch, DataSpec
+from heads.blocks.loading import load_head_data
 from heads.methods.cml import CMLOptions, rank_penalty
 from heads.methods.mbsd import MBSDOptions, pair_terms
 from heads.methods.mmcosine import MMCosineOptions

@@ -12,7 +12,8 @@ import cache.reader as reader
 import cache.synthetic as synthetic
 import heads.blocks.order as order
 from cache import CacheError, FeatureSplit, cache_info, load_split, load_splits, write_arrays
-from heads.blocks.data import SplitTensors, load_head_data
+from heads.blocks.data import SplitTensors
+from heads.blocks.loading import load_head_data
 from heads.blocks.order import evaluation_order
 from heads.blocks.standardize import LazyStandardized, Standardizer, _blocked_moments, materialized, standardized
 from heads.train.config import config_from_options

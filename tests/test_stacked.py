@@ -14,7 +14,7 @@ import torch
 from heads.sweeps import grid
 from heads.train.config import TrainConfig
 from heads.train.trainer import Trainer
-from heads.blocks.data import load_head_data
+from heads.blocks.loading import load_head_data
 from heads.sweeps.stacked import can_stack, stack_key, StackedTrainer
 
 pytestmark = pytest.mark.trains

@@ -7,7 +7,7 @@ from cache import cache_info, load_split
 from cache.synthetic import make_synthetic
 from heads.train.config import TrainConfig
 from heads.train.trainer import fit
-from heads.blocks.data import load_head_data
+from heads.blocks.loading import load_head_data
 
 
 def test_generator_is_deterministic_and_shaped_like_its_preset(tmp_path):

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from heads.blocks.data import load_head_data
+from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.sweeps.compare import compare_tune
 from heads.sweeps.tune import parse_tune, tune_axes, tuned_runs

@@ -40,14 +40,13 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from heads import metrics
 from heads.blocks.data import Batch, HeadData
 from heads.blocks.device import autocast
-from heads.blocks.optim import scheduled_lr
 from heads.blocks.order import evaluation_order
 from heads.blocks.standardize import materialized
 from heads.methods import method_class
 from heads.methods.base import HeadMethod
 from heads.methods.edm import Started
 from heads.sweeps.jobs import close_run, open_run
-from heads.sweeps.stacked_optim import load_optimizer_state, stacked_step
+from heads.sweeps.stacked_optim import load_optimizer_state, stacked_rates, stacked_step
 from heads.train.config import TrainConfig
 from heads.train.evaluation import Report, model_autocast
 from heads.train.trainer import Trainer
@@ -119,12 +118,6 @@ class StackedTrainer:
         for t in trainers:
             t.stacked_with = self.k
 
-    # --- the optimizer ---------------------------------------------------------------------------
-    def _rates(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lr = [scheduled_lr(t.cfg.lr, t.cfg.schedule, epoch, t.cfg.epochs) for t in self.trainers]
-        wd = [t.cfg.weight_decay for t in self.trainers]
-        return torch.tensor(lr, device=self.device), torch.tensor(wd, device=self.device)
-
     # --- batches of every run ----------------------------------------------------------------------
     def _gather(self, splits, index: torch.Tensor, runs: list[int]) -> dict:
         """``[G, B, …]`` inputs: run k's rows ``index[i]`` of its split, for the runs ``runs``."""
@@ -184,7 +177,7 @@ class StackedTrainer:
                 self._hook(k, "start_epoch", epoch)
             self._restack_buffers()
             self.template.epoch = epoch  # what a loss reads of the epoch (lfm's α_t); the hooks ran on the models
-            lr, wd = self._rates(epoch)
+            lr, wd = stacked_rates(self.trainers, epoch, self.device)
             host = torch.stack([torch.randperm(n, generator=t.shuffle) for t in self.trainers])  # each run's shuffle
             index = host.to(self.device, non_blocking=True)
             total = torch.zeros(self.k, device=self.device)

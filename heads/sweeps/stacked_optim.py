@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from heads.blocks.optim import SGD_MOMENTUM
+from heads.blocks.optim import SGD_MOMENTUM, scheduled_lr
 
 
 def load_optimizer_state(trainers: list, state: dict[str, dict], device: torch.device) -> None:
@@ -55,3 +55,10 @@ def stacked_step(kind: str, params: dict, state: dict, grads: dict, lr: torch.Te
         m.lerp_(d, 1 - beta1)
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         p.sub_(rate / (1 - beta1 ** t) * m / (v.sqrt() / (1 - beta2 ** t) ** 0.5 + eps))
+
+
+def stacked_rates(trainers: list, epoch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[K]`` learning rates (each run's own schedule at ``epoch``) and weight decays of the stacked runs."""
+    lr = [scheduled_lr(t.cfg.lr, t.cfg.schedule, epoch, t.cfg.epochs) for t in trainers]
+    wd = [t.cfg.weight_decay for t in trainers]
+    return torch.tensor(lr, device=device), torch.tensor(wd, device=device)

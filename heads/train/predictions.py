@@ -19,7 +19,8 @@ import torch
 
 from cache import load_meta
 from heads import metrics
-from heads.blocks.data import DataSpec, HeadData, load_head_data
+from heads.blocks.data import DataSpec, HeadData
+from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.train.evaluation import predict_subsets
 from heads.train.rundir import load_run
