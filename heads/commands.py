@@ -54,7 +54,7 @@ def _sweep_log(log_with: str | None, log_dir: Path | None):
 
 def _rerun(ctx: typer.Context, config: Path, values: dict):
     """``train-head --config``: the file's run, the options typed on the command line replacing its keys."""
-    from cache.store import _code_version
+    from cache import code_version
     from cache.synthetic import resolve_caches
     from heads.errors import OptionError
     from heads.train.configfile import config_from_file, read_config_file, run_file
@@ -72,8 +72,8 @@ def _rerun(ctx: typer.Context, config: Path, values: dict):
     else:
         caches = [path for entry in run.caches for path in resolve_caches(entry)]
     mods = split_list(values["modalities"]) if _typed(ctx, "modalities") else run.modalities
-    if doc.get("code_version") not in (None, _code_version()):
-        typer.echo(f"warning: {config} was trained by code {doc['code_version']}, this is {_code_version()}; "
+    if doc.get("code_version") not in (None, code_version()):
+        typer.echo(f"warning: {config} was trained by code {doc['code_version']}, this is {code_version()}; "
                    "the numbers may differ", err=True)
     return cfg, caches, mods
 

@@ -229,7 +229,7 @@ def test_predict_with_missing_test_uses_the_masks_a_run_would_draw(first, tiny, 
 
 
 def test_predict_refuses_a_cache_that_does_not_fit_the_model(first, tmp_path):
-    from heads.importer import import_npz
+    from cache.importer import import_npz
 
     spec = json.loads((first / "config.json").read_text())["spec"]
     n, rng = 60, np.random.default_rng(0)

@@ -205,8 +205,8 @@ def test_mses_stores_the_epoch_one_state(monkeypatch):
 
 
 def test_mses_refuses_bad_options():
-    for options in ({"patience": -1}, {"smoothing": 1.5}):
-        with pytest.raises(ValueError, match="--patience"):
+    for options, flag in (({"patience": -1}, "--patience"), ({"smoothing": 1.5}, "--smoothing")):
+        with pytest.raises(ValueError, match=flag):
             build("mses", **options)
 
 
@@ -309,8 +309,8 @@ def test_pmr_logs_each_modalitys_prototype_accuracy_on_validation():
 
 
 def test_pmr_refuses_bad_options():
-    for options in ({"proto_fraction": 0.0}, {"momentum": 2.0}):
-        with pytest.raises(ValueError, match="--proto-fraction"):
+    for options, flag in (({"proto_fraction": 0.0}, "--proto-fraction"), ({"momentum": 2.0}, "--momentum")):
+        with pytest.raises(ValueError, match=flag):
             build("pmr", **options)
 
 

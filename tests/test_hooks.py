@@ -4,6 +4,7 @@ per-modality rates (H4), per-run randomness (H5), and ``Batch.index`` on every b
 data, no cache: these run in the fast subset."""
 from __future__ import annotations
 
+import dataclasses
 import copy
 import io
 import pickle
@@ -314,7 +315,8 @@ def test_qmf_history_is_per_sample_and_survives_across_batches_epochs_and_checkp
     batch it fell in; a sample's absent modality adds nothing (30% of each modality masked). A
     checkpoint carries the history, and attaching again does not reset it."""
     data = data_of()
-    trainer = Trainer(data, cfg_of(method="qmf", lr=0.0, epochs=2, missing_train=0.3))
+    trainer = Trainer(data, cfg_of(method="qmf", lr=0.1, epochs=2, missing_train=0.3))
+    trainer.cfg = dataclasses.replace(trainer.cfg, lr=0.0)  # lr 0 is outside --lr's domain: set past the validator
     model = trainer.model
     assert model.history.shape == (2, 20) and not model.history.any()
     trainer.run(2)
@@ -328,7 +330,7 @@ def test_qmf_history_is_per_sample_and_survives_across_batches_epochs_and_checkp
     buffer = io.BytesIO()
     torch.save(trainer.checkpoint(), buffer)
     buffer.seek(0)
-    resumed = Trainer(data, cfg_of(method="qmf", lr=0.0, epochs=2, missing_train=0.3))
+    resumed = Trainer(data, cfg_of(method="qmf", lr=0.1, epochs=2, missing_train=0.3))
     resumed.restore(torch.load(buffer, weights_only=False))
     torch.testing.assert_close(resumed.model.history, model.history)
     assert "history" not in model.state_dict()  # training state: not in model.pt
