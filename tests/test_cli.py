@@ -51,7 +51,7 @@ def test_train_head_writes_a_complete_run_folder(small_av, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["options"] == {"alpha": 0.5, "coeff_form": "paper", "modulation_start": 1,
                                           "modulation_end": 51, "ge": False, "noise_std": "unscaled",
-                                          "ratio": "mean"}
+                                          "ratio": "mean", "plus": 0.0}
     # OGM-GE trains with its official code's SGD by default, and the config says where that came from.
     assert (config["train"]["optimizer"], config["train"]["schedule"]) == ("sgd", "step:70:0.1")
     assert "OGM-GE official main.py" in config["train"]["training_source"] and config["train"]["standardize"] == "feature"

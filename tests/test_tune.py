@@ -29,7 +29,7 @@ def test_default_grid_is_the_methods_own_rate_times_a_decade_each_way():
     assert tune_axes("concat", {"lr": ["x2"], "epochs": ["5", "10"]}, base) == {"lr": [2e-3], "epochs": [5, 10]}
     with pytest.raises(OptionError, match="factors"):
         tune_axes("concat", {"epochs": ["x2"]}, base)
-    with pytest.raises(OptionError, match="--lr must be positive"):
+    with pytest.raises(OptionError, match="--lr must lie in"):
         tune_axes("concat", {"lr": ["-1"]}, base)
 
 

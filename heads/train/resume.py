@@ -98,7 +98,7 @@ def checkpointer(run_dir: Path, cfg: TrainConfig, data: HeadData):
 
     def on_epoch(trainer: Trainer, report) -> None:
         now = time.monotonic()
-        if trainer.epoch < cfg.epochs and (not last[0] or now - last[0] >= EVERY):
+        if trainer.epoch < trainer.cfg.epochs and (not last[0] or now - last[0] >= EVERY):
             _save(trainer, folder, ident)
             last[0] = now
     return on_epoch
