@@ -347,6 +347,45 @@ def test_two_processes_write_disjoint_shards_and_one_manifest(data, weights, tmp
     assert not list(cache.glob(".failed-*"))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.trains
+def test_two_launches_as_two_machines_share_one_cache(data, weights, tmp_path):
+    """Two separate launcher commands on this machine, each a "machine" of one process
+    (``torchrun --nnodes 2 --node_rank r``, what ``accelerate launch --num_machines 2 --machine_rank r``
+    runs on GPU machines), write one cache: each global rank its own shards, one manifest, every
+    sample once (docs/extraction.md, "Several machines")."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "cli.py"), "extract", "folder",
+         "--backbone", "resnet18", "--weights", str(weights["resnet"]), "--data-root", str(data), "--out", str(tmp_path),
+         "--config", json.dumps(TINY_RESNET), "--workers", "0", "--batch-size", "2", "--shard-size", "2",
+         "--modalities", "image"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs
+    cache = tmp_path / "folder" / "resnet18"
+    assert {p.name.split("-")[1] for p in cache.glob("shard-*.h5")} == {"00", "01"} and verify(cache) == []
+    ids = all_ids(cache)
+    assert sorted(ids) == sorted([f"s{i:02d}" for i in range(GOOD)] + ["bad_zero", "bad_junk", "bad_video"])
+    assert set(failed(cache)) == {("bad_trunc", "image"), ("bad_missing", "image")}
+    # The rank split: global rank r took listing positions r, r + 2, … (each shard holds its rank's ids only).
+    listing = [s.sample_id for s in get_dataset("folder", data).listing().samples]
+    for shard in cache.glob("shard-*.h5"):
+        rank = int(shard.name.split("-")[1])
+        with h5py.File(shard) as f:
+            held = [x.decode() if isinstance(x, bytes) else x for x in f["ids"][:]]
+        assert all(listing.index(sid) % 2 == rank for sid in held), (shard.name, held)
+
+
 def test_failed_list_is_merged_across_resumes(data, weights, tmp_path):
     base = ["extract", "folder", "--backbone", "resnet18", "--weights", weights["resnet"], "--data-root", data,
             "--out", tmp_path, "--config", json.dumps(TINY_RESNET), "--workers", 0, "--quiet", "--modalities", "image"]
