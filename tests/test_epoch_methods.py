@@ -210,6 +210,17 @@ def test_mses_refuses_bad_options():
             build("mses", **options)
 
 
+
+def test_mses_itself_refuses_what_its_domains_refuse():
+    """Built directly (the Python API, no option parsing), MSES checks its own options: patience
+    below 0 alone, smoothing outside [0, 1] alone; both ends of [0, 1] are allowed."""
+    spec, cfg = data_of().spec, cfg_of("mses")
+    for patience, smoothing in ((-1, 0.5), (0, 1.5), (0, -0.1)):
+        with pytest.raises(ValueError, match="--patience must be 0 or more"):
+            mses_module.MSES(spec, cfg, mses_module.MSESOptions(patience=patience, smoothing=smoothing))
+    for smoothing in (0.0, 1.0):
+        assert mses_module.MSES(spec, cfg, mses_module.MSESOptions(patience=0, smoothing=smoothing)).opts.smoothing == smoothing
+
 # --- pmr (§11) -----------------------------------------------------------------------------------
 def test_pmr_prototype_similarities_by_hand():
     """``h_a = [0, 0]``, prototypes ``[1, 0]``, ``[0, 2]`` → S = [−1, −2], softmax [0.731059, 0.268941],
