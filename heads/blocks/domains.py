@@ -71,6 +71,7 @@ NONNEGATIVE = Domain("a finite number ≥ 0", low=0)
 UNIT = Domain("[0, 1]", low=0, high=1)
 UNIT_OPEN = Domain("[0, 1)", low=0, high=1, high_open=True)
 FRACTION = Domain("(0, 1]", low=0, low_open=True, high=1)
+OPEN_FRACTION = Domain("(0, 1)", low=0, low_open=True, high=1, high_open=True)
 # A learning rate above 10 diverges for every optimizer here; 1e10 is a typo (choice).
 LR = Domain("(0, 10]", low=0, low_open=True, high=10)
 POSITIVE_INT = Domain("positive (an integer ≥ 1)", low=1, integer=True)

@@ -16,6 +16,7 @@ from heads.methods.ccat import CCAT
 from heads.methods.cml import CML
 from heads.methods.concat import Concat
 from heads.methods.crmt import CRMT
+from heads.methods.dimml import DIMML
 from heads.methods.edm import EDM
 from heads.methods.film import FiLM
 from heads.methods.late import Late
@@ -31,6 +32,7 @@ from heads.methods.ogm_ge import OGMGE
 from heads.methods.opm import OPM
 from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
+from heads.methods.relearn import Relearn
 from heads.methods.sum import Sum
 
 METHODS: dict[str, type[HeadMethod]] = {
@@ -57,6 +59,8 @@ METHODS: dict[str, type[HeadMethod]] = {
     "agm": AGM,
     "opm": OPM,
     "amco": AMCo,
+    "relearn": Relearn,
+    "dimml": DIMML,
 }
 
 
