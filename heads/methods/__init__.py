@@ -18,6 +18,8 @@ from heads.methods.concat import Concat
 from heads.methods.crmt import CRMT
 from heads.methods.edm import EDM
 from heads.methods.film import FiLM
+from heads.methods.gblend import GBlend
+from heads.methods.greedy import Greedy
 from heads.methods.late import Late
 from heads.methods.lfm import LFM
 from heads.methods.mbsd import MBSD
@@ -32,6 +34,7 @@ from heads.methods.opm import OPM
 from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
 from heads.methods.sum import Sum
+from heads.methods.valuation import Valuation
 
 METHODS: dict[str, type[HeadMethod]] = {
     "concat": Concat,
@@ -57,6 +60,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "agm": AGM,
     "opm": OPM,
     "amco": AMCo,
+    "valuation": Valuation,
+    "gblend": GBlend,
+    "greedy": Greedy,
 }
 
 
