@@ -19,6 +19,8 @@ from heads.methods.crmt import CRMT
 from heads.methods.dimml import DIMML
 from heads.methods.edm import EDM
 from heads.methods.film import FiLM
+from heads.methods.gblend import GBlend
+from heads.methods.greedy import Greedy
 from heads.methods.late import Late
 from heads.methods.lfm import LFM
 from heads.methods.mbsd import MBSD
@@ -34,6 +36,7 @@ from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
 from heads.methods.relearn import Relearn
 from heads.methods.sum import Sum
+from heads.methods.valuation import Valuation
 
 METHODS: dict[str, type[HeadMethod]] = {
     "concat": Concat,
@@ -61,6 +64,9 @@ METHODS: dict[str, type[HeadMethod]] = {
     "amco": AMCo,
     "relearn": Relearn,
     "dimml": DIMML,
+    "valuation": Valuation,
+    "gblend": GBlend,
+    "greedy": Greedy,
 }
 
 
