@@ -31,7 +31,9 @@ from heads.methods.ogm_ge import OGMGE
 from heads.methods.opm import OPM
 from heads.methods.pmr import PMR
 from heads.methods.qmf import QMF
+from heads.methods.reconboost import ReconBoost
 from heads.methods.sum import Sum
+from heads.methods.umt import UMT
 
 METHODS: dict[str, type[HeadMethod]] = {
     "concat": Concat,
@@ -57,6 +59,8 @@ METHODS: dict[str, type[HeadMethod]] = {
     "agm": AGM,
     "opm": OPM,
     "amco": AMCo,
+    "umt": UMT,
+    "reconboost": ReconBoost,
 }
 
 
