@@ -37,6 +37,9 @@ from heads.methods.qmf import QMF
 from heads.methods.relearn import Relearn
 from heads.methods.sum import Sum
 from heads.methods.valuation import Valuation
+from heads.methods.reconboost import ReconBoost
+from heads.methods.sum import Sum
+from heads.methods.umt import UMT
 
 METHODS: dict[str, type[HeadMethod]] = {
     "concat": Concat,
@@ -67,6 +70,8 @@ METHODS: dict[str, type[HeadMethod]] = {
     "valuation": Valuation,
     "gblend": GBlend,
     "greedy": Greedy,
+    "umt": UMT,
+    "reconboost": ReconBoost,
 }
 
 

@@ -23,6 +23,8 @@ validation is the best so far:
 - **H3, phases and several steps**: decide the phase from the epoch number in ``start_epoch`` (rebuild
   ``self.optimizer`` there if the phase trains other parameters; the core sets the scheduled rate after
   it); ``train_step`` may take any number of optimizer steps (``step``) and returns one loss to log.
+  ``selectable(e)`` False keeps epoch e out of the core's selection (umt's teacher phase trains no
+  student, so its epochs validate an untrained model).
 - **H4, rollback and per-modality rates**: ``snapshot``/``rollback`` store and restore parameters,
   buffers and optimizer state; ``modality_param_groups`` + ``set_lr_factor`` give modality m's
   parameters the scheduled rate times a factor. **Change parameters only in ``start_epoch``**: the core
@@ -129,6 +131,11 @@ class HeadMethod(nn.Module, ABC):
         """H2: the rows epoch ``epoch`` trains on (called after ``start_epoch``); ``train`` is the attached
         training split. Return it, or a split derived from it (``take``/``only``/``with_present``/``cat``)."""
         return train
+
+    def selectable(self, epoch: int) -> bool:
+        """H3: whether the core may select the state of epoch ``epoch`` (best validation accuracy); a phase
+        that does not train the model that predicts (umt's teachers) says False."""
+        return True
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """Update the parameters on one batch; return the (detached) loss to log."""

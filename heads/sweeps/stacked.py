@@ -193,7 +193,7 @@ class StackedTrainer:
             for k, (t, report) in enumerate(zip(self.trainers, reports)):
                 extra = self._hook(k, "end_epoch", report)
                 t.rows.append({"epoch": epoch, "train_loss": losses[k], **report.row("val_"), **extra})
-                if report.acc >= t.best:  # ties: the later epoch, as in Trainer.run
+                if t.model.selectable(epoch) and report.acc >= t.best:  # ties: the later epoch, as in Trainer.run
                     t.best, t.best_epoch = report.acc, epoch
                     t.best_state = copy.deepcopy(t.model.state_dict())
                 t.epoch = epoch

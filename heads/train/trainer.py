@@ -151,7 +151,7 @@ class Trainer:
             report = self._epoch_report()
             extra = model.end_epoch(report)
             self.rows.append({"epoch": epoch, "train_loss": train_loss, **report.row("val_"), **extra})
-            if report.acc >= self.best:  # ties: the later epoch (README, "Selection and reproducibility")
+            if model.selectable(epoch) and report.acc >= self.best:  # ties: the later epoch (README, "Selection and reproducibility")
                 self.best, self.best_epoch = report.acc, epoch
                 self.best_state = copy.deepcopy(model.state_dict())
             self.phase_seconds["train"] += tock - tick
