@@ -10,9 +10,12 @@ Prints, for the cache given (build the 32× one with `cli.py make-synthetic --ou
   nothing else on the machine is touched); *warm* is a second load right after;
 - peak RSS of `train-head --method concat --epochs 1` run as a child process, per `--feature-dtype`,
   and its ratio to the feature bytes against the target (≤ 1.5 × feature bytes + 1 GB);
-- the streamed / in-memory epoch ratio, once streaming exists (part 2 of the issue; not yet).
+- the streamed / in-memory epoch ratio (part 2 of the issue): the same `train-head` with `--in-memory no`
+  right after the in-memory fp16 one (so the shards are in the page cache: warm), seconds per epoch
+  from each run's `results.json` (its `seconds` over its epochs: the batch loop, validation each
+  epoch and the final validation and test passes, streamed too), and the streamed run's peak RSS.
 
-    .venv/bin/python benchmarks/bench_scale.py --cache /tmp/scale/big [--dtypes fp16,fp32] [--no-train]
+    .venv/bin/python benchmarks/bench_scale.py --cache /tmp/scale/big [--dtypes fp16,fp32] [--no-train] [--epochs 2]
 """
 from __future__ import annotations
 
@@ -70,12 +73,12 @@ def load_rate(path: Path, size: int, dtype: str) -> dict[str, float]:
     return out
 
 
-def train_peak(path: Path, dtype: str, epochs: int) -> tuple[float, float]:
-    """Peak RSS (bytes) and wall seconds of one `train-head` child process."""
+def train_peak(path: Path, dtype: str, epochs: int, in_memory: str = "yes") -> tuple[float, float, float]:
+    """Peak RSS (bytes), wall seconds and seconds per epoch (``results.json``) of one `train-head` child."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "cli.py"), "train-head", "--method", "concat", "--cache", str(path),
                "--epochs", str(epochs), "--feature-dtype", dtype, "--out", out, "--name", "run", "--quiet",
-               "--device", "cpu"]
+               "--device", "cpu", "--in-memory", in_memory]
         tick = time.perf_counter()
         # A fresh Python per dtype: RUSAGE_CHILDREN's peak is the largest child so far, so run the
         # smaller-memory dtype first (fp16 before fp32) or read each in its own wrapper.
@@ -86,8 +89,9 @@ def train_peak(path: Path, dtype: str, epochs: int) -> tuple[float, float]:
             raise SystemExit(f"train-head failed: {done.stderr.strip()[-500:]}")
         seconds = time.perf_counter() - tick
         results = json.loads((Path(out) / "run" / "results.json").read_text())
-        print(f"  ({dtype}: test acc {results['test']['acc']:.2f}, run seconds {results['seconds']:.1f})")
-        return int(done.stdout.strip().splitlines()[-1]) * 1024, seconds
+        print(f"  ({dtype}, --in-memory {in_memory}: test acc {results['test']['acc']:.2f}, "
+              f"run seconds {results['seconds']:.1f})")
+        return int(done.stdout.strip().splitlines()[-1]) * 1024, seconds, results["seconds"] / results["epochs_run"]
 
 
 def main() -> None:
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="only the load rate")
     args = parser.parse_args()
     size = feature_bytes(args.cache)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"cache {args.cache}: {sum(cache_info(args.cache)['counts'].values())} samples, "
           f"feature bytes {size / 1e6:.0f} MB (float16)")
     for dtype in args.dtypes.split(","):
@@ -106,14 +111,23 @@ def main() -> None:
               f"{rate['cold_cpu']:.0f} MB per CPU second), warm {rate['warm']:.0f} MB/s ({rate['warm_s']:.2f} s wall; "
               f"{rate['warm_cpu']:.0f} MB per CPU second)   target ≥ 500 MB/s warm")
     print(f"peak RSS of this benchmark process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
-    if not args.no_train:
-        target = 1.5 * size + GB
-        for dtype in args.dtypes.split(","):
-            peak, seconds = train_peak(args.cache, dtype, args.epochs)
-            print(f"train-head concat --epochs {args.epochs} --feature-dtype {dtype}: peak RSS {peak / GB:.2f} GiB "
-                  f"= {peak / size:.2f} × feature bytes; target {target / GB:.2f} GiB "
-                  f"({'met' if peak <= target else 'NOT met'}); {seconds:.0f} s wall")
-    print("streamed / in-memory epoch ratio: n/a (streaming from the shards, part 2 of issue 24, is not built yet)")
+    if args.no_train:
+        return
+    target = 1.5 * size + GB
+    per_epoch = {}
+    for dtype in args.dtypes.split(","):
+        peak, seconds, per_epoch[dtype] = train_peak(args.cache, dtype, args.epochs)
+        print(f"train-head concat --epochs {args.epochs} --feature-dtype {dtype}: peak RSS {peak / GB:.2f} GiB "
+              f"= {peak / size:.2f} × feature bytes; target {target / GB:.2f} GiB "
+              f"({'met' if peak <= target else 'NOT met'}); {seconds:.0f} s wall; {per_epoch[dtype]:.1f} s per epoch")
+    first = args.dtypes.split(",")[0]
+    peak, seconds, streamed = train_peak(args.cache, first, args.epochs, "no")
+    print(f"train-head concat --epochs {args.epochs} --in-memory no: peak RSS {peak / GB:.2f} GiB "
+          f"= {peak / size:.2f} × feature bytes; {seconds:.0f} s wall; {streamed:.1f} s per epoch")
+    ratio = streamed / per_epoch[first]
+    print(f"streamed / in-memory ({first}) epoch ratio: {ratio:.2f} (warm page cache)   target ≤ 1.5 "
+          f"({'met' if ratio <= 1.5 else 'NOT met'})")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

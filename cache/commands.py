@@ -60,8 +60,10 @@ def register(app: typer.Typer, guard) -> None:
         typer.echo(f"classes     {len(info['class_names'])}: {', '.join(info['class_names'][:12])}{' …' if len(info['class_names']) > 12 else ''}")
         typer.echo("samples     " + "  ".join(f"{s} {n}" for s, n in info["counts"].items()) + f"   failed {info['failed']}")
         mem = info["memory"]
-        typer.echo(f"memory      {mem['fp16'] / 1e6:,.0f} MB with --feature-dtype fp16 (the default), "
-                   f"{mem['fp32'] / 1e6:,.0f} MB with fp32 (features of all splits while heads train)")
+        typer.echo(f"memory      in memory (--in-memory yes): {mem['fp16'] / 1e6:,.0f} MB with --feature-dtype fp16 "
+                   f"(the default), {mem['fp32'] / 1e6:,.0f} MB with fp32 (features of all splits while heads train)")
+        typer.echo(f"            streamed (--in-memory no): {mem['streamed'] / 1e6:,.0f} MB (the {mem['buffer'] / 1e6:,.0f} MB "
+                   f"shuffle buffer of --stream-buffer, one window read ahead and one being read, ids, labels and masks)")
         typer.echo(f"split rule  {info.get('split_rule') or '-'}")
         typer.echo(f"created     {info.get('created')}  code {info.get('code_version')}")
         if info["counts"].get("train"):

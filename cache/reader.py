@@ -224,11 +224,20 @@ def cache_info(path: str | Path) -> dict:
             "memory": memory_needed(meta, sum(counts.values()))}
 
 
-def memory_needed(meta: dict, n: int) -> dict[str, int]:
-    """Bytes the features of ``n`` samples take in memory while heads train, per ``--feature-dtype``:
-    ``fp16`` holds the cache's float16 values once (plus float32 token means for T > 1); ``fp32`` holds
-    them as float32 and a standardised float32 copy (the earlier path)."""
+STREAM_BUFFER_MB = 128  # --stream-buffer: the shuffle window of a split streamed from the shards
+STREAM_WINDOWS = 3  # windows a streamed split holds at once: the one in use, one read ahead, one being read
+ROW_BYTES = 80  # what a streamed split keeps per row besides features: id, label, masks, shard and row
+
+
+def memory_needed(meta: dict, n: int, buffer_mb: float = STREAM_BUFFER_MB) -> dict[str, int]:
+    """Bytes the features of ``n`` samples take in memory while heads train, per mode: in memory with
+    ``--feature-dtype fp16``, the cache's float16 values once (plus float32 token means for T > 1); with
+    ``fp32``, them as float32 and a standardised float32 copy (the earlier path); ``streamed`` from the
+    shards (``--in-memory no``), the shuffle buffer, the window read ahead and the one being read
+    (``STREAM_WINDOWS`` × ``buffer_mb``, capped by the data itself), plus a few values per row."""
     mods = meta["modalities"].values()
     stored = sum(n * m["tokens"] * m["dim"] * 2 for m in mods)
     pooled = sum(n * m["dim"] * 4 for m in mods if m["tokens"] > 1)
-    return {"fp16": stored + pooled, "fp32": 4 * stored + 2 * pooled}
+    window = min(int(buffer_mb * 2 ** 20), stored)
+    return {"fp16": stored + pooled, "fp32": 4 * stored + 2 * pooled,
+            "streamed": STREAM_WINDOWS * window + n * ROW_BYTES, "buffer": window}

@@ -32,6 +32,8 @@ PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or a
 SHAPLEY = typer.Option(128, "--shapley-permutations", help="With more than 8 modalities, φ is estimated from this many sampled permutations (reported with its standard error); up to 8 it is exact.")
 EPOCH_SUBSETS = typer.Option(False, "--epoch-subsets", help="Score every modality subset on validation after each epoch (φ, δ, EDM per epoch in epochs.csv); methods that read φ, like edm, always do.")
 FEATURE_DTYPE = typer.Option("fp16", "--feature-dtype", help="How features are held in memory: fp16 (the cache's own float16, half the memory; batches are float32) or fp32 (the earlier path, exactly).")
+IN_MEMORY = typer.Option("auto", "--in-memory", help="auto (hold the features in memory when they fit, else stream them from the cache's shards), yes, or no (stream: a seeded shuffle of row chunks through --stream-buffer, read ahead by a thread; `cache info` says what each mode needs).")
+STREAM_BUFFER = typer.Option(128.0, "--stream-buffer", help="MB of the shuffle buffer when streaming (--in-memory no); memory is about 3 × this (a window in use, one read ahead, one being read). A buffer holding the whole training split shuffles exactly as in memory.")
 LOG_WITH = typer.Option(None, "--log-with", help="Also log to trackers: tensorboard, mlflow, wandb (comma-separated); local and offline unless configured (docs/configs.md); pip install -e '.[tracking]'.")
 LOG_DIR = typer.Option(None, "--log-dir", help="Where the trackers write (default: the run's own folder; for a sweep, the sweep's folder).")
 SWEEP_FILE = typer.Option(None, "--config", help="A YAML (or JSON) file of this command's options (docs/configs.md); options typed here replace its keys.")

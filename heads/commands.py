@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import typer
 
 from heads.command_options import (  # noqa: F401  (the shared options, by name)
-    CACHE, NONFINITE, JOIN, SWEEP_OVERWRITE, EPOCHS, LR, BATCH, OPTIM, SCHEDULE, STANDARDIZE, HIDDEN, WD, MISS_TRAIN, MISS_TEST, MODALITIES, OUT, QUIET, WORKERS, DEVICE, PRECISION, SHAPLEY, EPOCH_SUBSETS, FEATURE_DTYPE, LOG_WITH, LOG_DIR, SWEEP_FILE, EXTRA, TRAIN_KEYS,
+    CACHE, NONFINITE, JOIN, SWEEP_OVERWRITE, EPOCHS, LR, BATCH, OPTIM, SCHEDULE, STANDARDIZE, HIDDEN, WD, MISS_TRAIN, MISS_TEST, MODALITIES, OUT, QUIET, WORKERS, DEVICE, PRECISION, SHAPLEY, EPOCH_SUBSETS, FEATURE_DTYPE, IN_MEMORY, STREAM_BUFFER, LOG_WITH, LOG_DIR, SWEEP_FILE, EXTRA, TRAIN_KEYS,
     epoch_text, split_list,
 )
 
@@ -94,7 +94,7 @@ def register(app: typer.Typer, guard) -> None:
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder of the same --name (whole, not merged)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE, in_memory: str = IN_MEMORY, stream_buffer: float = STREAM_BUFFER,
         config: Path = typer.Option(None, "--config", help="Train the run of this config.json (or a YAML file with its keys, docs/configs.md) again; options typed here replace single keys."),
         log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
@@ -136,7 +136,7 @@ def register(app: typer.Typer, guard) -> None:
             cfg, caches, mods = _rerun(ctx, config, locals())
         if name is not None:
             new_run(name)  # refused before the cache loads
-        data = load_head_data(caches, mods, allow_nonfinite, join, feature_dtype)
+        data = load_head_data(caches, mods, allow_nonfinite, join, feature_dtype, in_memory, stream_buffer)
         run_dir = run_folder(out, name or f"{cfg.method}-{data.meta['dataset']}-seed{cfg.seed}-{timestamp()}")
         # How to come back to this run after a stop: the same command, with --name when it was generated.
         again = "rerun the same command" + ("" if name else f" with --name {run_dir.name}")
@@ -176,7 +176,7 @@ def register(app: typer.Typer, guard) -> None:
         name: str = typer.Option(None, help="Folder name under --out (default: compare-time); an existing folder of that name is resumed."),
         out: Path = OUT, quiet: bool = QUIET, workers: int = WORKERS, schedule: str = SCHEDULE,
         standardize: str = STANDARDIZE, device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE, in_memory: str = IN_MEMORY, stream_buffer: float = STREAM_BUFFER,
         overwrite: bool = SWEEP_OVERWRITE,
         same_optimizer: bool = typer.Option(False, "--same-optimizer", help="Train every method under one setting (adam, lr 1e-3, wd 1e-4, no schedule, batch 256, 100 epochs, or the options given) instead of each paper's."),
         tune: str = typer.Option(None, "--tune", help="Each method at its best validated setting: a grid per method, selected on validation, test of the selected setting only. 'lr' = the method's lr × 0.1, 1, 10; or lr=1e-4,1e-3,epochs=50,100 (x0.1 = a factor of the method's own)."),
@@ -241,7 +241,8 @@ def register(app: typer.Typer, guard) -> None:
                                    precision=o.precision, epoch_subsets=o.epoch_subsets,
                                    shapley_permutations=o.shapley_permutations)
         folder = run_folder(o.out, o.name or f"compare-{o.paper + '-' if o.paper else ''}{timestamp()}")
-        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype,
+                              o.in_memory, o.stream_buffer)
         summary = (f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(o.epochs)} · selection on "
                    f"validation · features standardised: {o.standardize}")
         if o.paper is None:
@@ -279,7 +280,7 @@ def register(app: typer.Typer, guard) -> None:
         yes: bool = typer.Option(False, "--yes", help="Start a grid of more than 200 runs (without it such a grid is refused, with its size)."),
         keep_models: bool = typer.Option(False, "--keep-models", help="Keep model.pt of every run (default: only the selected config's runs keep theirs)."),
         device: str = DEVICE, precision: str = PRECISION, epoch_subsets: bool = EPOCH_SUBSETS,
-        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE, in_memory: str = IN_MEMORY, stream_buffer: float = STREAM_BUFFER,
         overwrite: bool = SWEEP_OVERWRITE,
         stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
         config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
@@ -314,7 +315,8 @@ def register(app: typer.Typer, guard) -> None:
                                    device=o.device, precision=o.precision, epoch_subsets=o.epoch_subsets,
                                    shapley_permutations=o.shapley_permutations)
         folder = run_folder(o.out, o.name or f"grid-{o.method}-{timestamp()}")
-        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype,
+                              o.in_memory, o.stream_buffer)
         outcome = run_grid(data, o.method, axes, seed_list, base, folder, o.prune, o.protocol, o.workers,
                            progress=not o.quiet, yes=o.yes, keep_models=o.keep_models, stack=o.stack,
                            overwrite=o.overwrite, track=track)
@@ -340,7 +342,7 @@ def register(app: typer.Typer, guard) -> None:
         workers: int = WORKERS,
         name: str = typer.Option(None, help="Folder name under --out (default: robustness-time); the same name resumes."),
         out: Path = OUT, quiet: bool = QUIET, schedule: str = SCHEDULE, standardize: str = STANDARDIZE,
-        device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE,
+        device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE, in_memory: str = IN_MEMORY, stream_buffer: float = STREAM_BUFFER,
         overwrite: bool = SWEEP_OVERWRITE,
         config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
     ):
@@ -364,7 +366,8 @@ def register(app: typer.Typer, guard) -> None:
                                    0.0, 0.0, schedule=o.schedule, standardize=o.standardize, device=o.device,
                                    precision=o.precision, shapley_permutations=o.shapley_permutations)
         folder = run_folder(o.out, o.name or f"robustness-{timestamp()}")
-        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype)
+        data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype,
+                              o.in_memory, o.stream_buffer)
         run_robustness(data, labels, rates, seed_list, protocols, base, folder, o.workers, progress=not o.quiet,
                        overwrite=o.overwrite, track=track)
         typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(o.epochs)} · selection on validation")

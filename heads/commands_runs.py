@@ -46,6 +46,12 @@ def register(app: typer.Typer, guard) -> None:
                 if f.type in (bool, "bool"):
                     flag = f"{flag} / --no-{f.name.replace('_', '-')}"
                 typer.echo(f"    {flag:34s} default {f.default!r:18s} {f.metadata.get('help', '')}")
+        from heads.methods.base import HeadMethod
+
+        refused = [n for n, c in METHODS.items() if c.epoch_split is not HeadMethod.epoch_split]
+        typer.echo("streamed from the shards (--in-memory no, or auto when a cache does not fit): every method, those "
+                   "that read their attached splits between epochs (H1) through streamed views with the same "
+                   f"batches; refused: {', '.join(refused) or 'none'} (an epoch split of re-sampled rows), and --stack on")
 
 
     @app.command("runs")

@@ -173,6 +173,12 @@ class SplitTensors:
         for start in range(0, n, batch_size):
             yield self.batch(on_device[start:start + batch_size], order[start:start + batch_size])
 
+    def ordered_batches(self, order: torch.Tensor, host_order: torch.Tensor, size: int):
+        """``(rows, batch)`` for rows ``order`` ``size`` at a time, in that order (``host_order``: the same
+        rows on the host); how evaluation walks a split (a streamed split reads them in windows)."""
+        for start in range(0, len(order), size):
+            yield order[start:start + size], self.batch(order[start:start + size], host_order[start:start + size])
+
     def subset(self, index: torch.Tensor) -> "SplitTensors":
         """Rows ``index`` of this split as a split of its own (rows renumbered; tensors are copied)."""
         idx = index.tolist()
@@ -237,18 +243,8 @@ class SplitTensors:
         """
         if rate <= 0:
             return self
-        if not 0 <= rate < 1:
-            raise ValueError(f"missing rate must lie in [0, 1), got {rate}")
-        mods = list(self.present)
-        orig = torch.stack([self.present[m] for m in mods], 1)  # [N, M]
-        keep = _exact_masks(orig, rate, seed, balance=False)
-        if keep is None:
-            keep = _exact_masks(orig, rate, seed, balance=True)
-        if keep is None:
-            most = 100 * (len(mods) - 1) / len(mods)
-            raise ValueError(f"a missing rate of {rate:g} cannot be met with {len(mods)} modalities without removing "
-                             f"some sample's every modality (with complete data at most {most:.0f}% can go)")
-        present = {m: keep[:, i] for i, m in enumerate(mods)}
+        present = missing_present(self.present, rate, seed)
+        mods = list(present)
         x = {m: self.x[m] * present[m][:, None] for m in mods}
         tokens = {m: self.tokens[m] * present[m][:, None, None] for m in mods}
         return SplitTensors(self.ids, x, tokens, present, self.y, self.index)
@@ -261,6 +257,22 @@ def _pooled(tokens: torch.Tensor) -> torch.Tensor:
     for start in range(0, tokens.shape[0], POOL_ROWS):
         out[start:start + POOL_ROWS] = tokens[start:start + POOL_ROWS].float().mean(1)
     return out
+
+
+def missing_present(present: dict[str, torch.Tensor], rate: float, seed: int) -> dict[str, torch.Tensor]:
+    """The present masks of ``SplitTensors.with_missing`` (a function of the masks, the rate and the seed)."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"missing rate must lie in [0, 1), got {rate}")
+    mods = list(present)
+    orig = torch.stack([present[m] for m in mods], 1)  # [N, M]
+    keep = _exact_masks(orig, rate, seed, balance=False)
+    if keep is None:
+        keep = _exact_masks(orig, rate, seed, balance=True)
+    if keep is None:
+        most = 100 * (len(mods) - 1) / len(mods)
+        raise ValueError(f"a missing rate of {rate:g} cannot be met with {len(mods)} modalities without removing "
+                         f"some sample's every modality (with complete data at most {most:.0f}% can go)")
+    return {m: keep[:, i] for i, m in enumerate(mods)}
 
 
 def _exact_masks(orig: torch.Tensor, rate: float, seed: int, balance: bool) -> torch.Tensor | None:

@@ -9,9 +9,21 @@ from pathlib import Path
 import torch
 
 from cache import CacheError, FeatureSplit, load_meta, load_splits
+from cache.reader import STREAM_BUFFER_MB, memory_needed
+from cache.replace import available_memory
+from cache.store import read_manifest
+from cache.stream import plan_splits
 from heads.blocks.data import FEATURE_DTYPES, DataSpec, HeadData, SplitTensors
+from heads.blocks.domains import POSITIVE
+from heads.blocks.streaming import StreamedSplit
+from heads.errors import OptionError
 
 JOINS = ("exact", "inner")
+IN_MEMORY = ("auto", "yes", "no")
+# auto holds the splits in memory when their features, times this margin, plus the reserve, fit in
+# the memory the machine has available (MemAvailable) **(choice)**: room for the model, the batches,
+# the optimizer and the rest of the process.
+MEMORY_MARGIN, MEMORY_RESERVE = 1.25, 1 << 30
 
 
 def _join(parts: list[FeatureSplit], paths: list[Path], join: str = "exact", split: str = "") -> FeatureSplit:
@@ -49,10 +61,44 @@ def _join(parts: list[FeatureSplit], paths: list[Path], join: str = "exact", spl
     return FeatureSplit(ids, labels, feats, present, parts[0].class_names)
 
 
+def streams(paths: list[Path], metas: list[dict], modalities, feature_dtype: str, in_memory: str,
+            buffer_mb: float) -> str | None:
+    """Why the splits are streamed from the shards (a phrase for the line that says so), or None when
+    they are held in memory: ``in_memory`` yes / no, or auto — in memory when they fit (``MEMORY_MARGIN``)."""
+    if in_memory not in IN_MEMORY:
+        raise OptionError(f"--in-memory must be one of {', '.join(IN_MEMORY)}, got {in_memory!r}")
+    if not POSITIVE.contains(buffer_mb):
+        raise OptionError(f"--stream-buffer {POSITIVE.phrase()} (megabytes), got {buffer_mb!r}")
+    if in_memory == "yes":
+        return None
+    if in_memory == "auto":
+        need = sum(memory_needed({**meta, "modalities": {m: s for m, s in meta["modalities"].items()
+                                                           if not modalities or m in modalities}},
+                                 _rows(p))[feature_dtype] for p, meta in zip(paths, metas))
+        have = available_memory()
+        if need * MEMORY_MARGIN + MEMORY_RESERVE <= have:
+            return None
+        reason = f"its features need {need / 1e9:.1f} GB in memory, {have / 1e9:.1f} GB is available"
+    else:
+        reason = "--in-memory no"
+    if len(paths) > 1:
+        raise OptionError(f"streaming from the shards ({reason}) reads one cache; joined caches (--cache a,b) "
+                          "are held in memory: give --in-memory yes")
+    return reason
+
+
+def _rows(path: Path) -> int:
+    """Samples in the cache (all splits), from its manifest."""
+    return read_manifest(path).height
+
+
 def load_head_data(paths: list[str | Path], modalities: list[str] | None = None, allow_nonfinite: bool = False,
-                   join: str = "exact", feature_dtype: str = "fp16") -> HeadData:
+                   join: str = "exact", feature_dtype: str = "fp16", in_memory: str = "auto",
+                   stream_buffer: float = STREAM_BUFFER_MB) -> HeadData:
     """Load train/val/test of one cache, or of several caches of one dataset joined on sample id,
-    features held in ``feature_dtype`` (``FEATURE_DTYPES``).
+    features held in ``feature_dtype`` (``FEATURE_DTYPES``); or, with ``in_memory`` no (or auto when
+    they do not fit), streamed from the shards with a ``stream_buffer`` MB shuffle buffer
+    (``heads/blocks/streaming.py``; says so on stderr).
 
     Refused: a split that is empty (no test split reported every metric 0.00 with exit 0), fewer than
     two classes (a single class reported 100%), caches whose ids differ (unless ``join="inner"``).
@@ -63,6 +109,7 @@ def load_head_data(paths: list[str | Path], modalities: list[str] | None = None,
         raise CacheError(f"--join must be one of {', '.join(JOINS)}, got {join!r}")
     paths = [Path(p) for p in paths]
     metas = [load_meta(p) for p in paths]
+    reason = streams(paths, metas, modalities, feature_dtype, in_memory, stream_buffer)
     names = metas[0]["class_names"]
     for p, meta in zip(paths[1:], metas[1:]):
         if meta["class_names"] != names:
@@ -73,13 +120,22 @@ def load_head_data(paths: list[str | Path], modalities: list[str] | None = None,
         if unknown:
             raise CacheError(f"no modality {sorted(unknown)} in the cache(s); available: {available}")
     used = [(p, meta) for p, meta in zip(paths, metas) if not modalities or set(meta["modalities"]) & set(modalities)]
-    loaded = [  # each cache's three splits in one pass over its shards
-        load_splits(p, ("train", "val", "test"), [m for m in meta["modalities"] if not modalities or m in modalities],
-                    FEATURE_DTYPES[feature_dtype], allow_nonfinite)
-        for p, meta in used
-    ]
-    splits = {s: SplitTensors.from_feature_split(_join([part[s] for part in loaded], [p for p, _ in used], join, s))
-              for s in ("train", "val", "test")}
+    if reason is None:
+        loaded = [  # each cache's three splits in one pass over its shards
+            load_splits(p, ("train", "val", "test"), [m for m in meta["modalities"] if not modalities or m in modalities],
+                        FEATURE_DTYPES[feature_dtype], allow_nonfinite)
+            for p, meta in used
+        ]
+        splits = {s: SplitTensors.from_feature_split(_join([part[s] for part in loaded], [p for p, _ in used], join, s))
+                  for s in ("train", "val", "test")}
+    else:
+        p, meta = used[0]
+        plans = plan_splits(p, ("train", "val", "test"), [m for m in meta["modalities"] if not modalities or m in modalities],
+                            allow_nonfinite)
+        rows = max(1, int(stream_buffer * 2 ** 20) // max(plans["train"].row_bytes, 1))
+        splits = {s: StreamedSplit(plan, rows) for s, plan in plans.items()}
+        print(f"streaming {p} from its shards ({reason}): a {stream_buffer:g} MB shuffle buffer ({rows:,} rows) and "
+              f"a prefetch thread", file=sys.stderr)
     train = splits["train"]
     if len(train) == 0:
         raise CacheError(f"cache {paths[0]} has no training samples")
@@ -90,15 +146,17 @@ def load_head_data(paths: list[str | Path], modalities: list[str] | None = None,
     if len(names) < 2 or len(torch.unique(train.y)) < 2:
         raise CacheError(f"cache {paths[0]} has {len(torch.unique(train.y))} class(es) in its training split "
                          f"({len(names)} in meta.json): a classifier needs at least two")
-    mods = list(train.x)
+    mods = list(train.present)
     spec = DataSpec(
         modalities=mods,
-        dims={m: train.x[m].shape[1] for m in mods},
-        tokens={m: train.tokens[m].shape[1] for m in mods},
+        dims=train.dims if reason else {m: train.x[m].shape[1] for m in mods},
+        tokens=train.n_tokens if reason else {m: train.tokens[m].shape[1] for m in mods},
         num_classes=len(names),
         class_names=list(names),
         majority_class=int(torch.bincount(train.y, minlength=len(names)).argmax()),
     )
     meta = {"caches": [str(p) for p in paths], "dataset": metas[0].get("dataset"), "feature_dtype": feature_dtype,
             "backbones": [m.get("backbone") for m in metas]}
+    if reason:
+        meta["streamed"] = {"buffer_mb": stream_buffer, "buffer_rows": train.buffer_rows}
     return HeadData(spec, train, splits["val"], splits["test"], meta)

@@ -28,6 +28,8 @@ def evaluation_order(split) -> torch.Tensor:
         return cached
     gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
     key = torch.zeros(len(split), dtype=torch.float64)
+    if getattr(split, "streamed", False):
+        return _streamed_order(split, gen, key)
     for m in sorted(split.x):
         x = split.x[m]
         direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
@@ -38,6 +40,21 @@ def evaluation_order(split) -> torch.Tensor:
     order = torch.argsort(key, stable=True)
     split.__dict__["_eval_order"] = order
     return order
+
+
+def _streamed_order(split, gen: torch.Generator, key: torch.Tensor) -> torch.Tensor:
+    """``evaluation_order`` of a split streamed from the shards (``heads/blocks/streaming.py``): one pass,
+    the same blocks and per-row arithmetic on the same pooled values, so the same order bit for bit."""
+    directions = {m: torch.randn(d, generator=gen, dtype=torch.float64) for m, d in sorted(split.dims.items())}
+    for start, stop, feats in split.feature_blocks(ORDER_ROWS):
+        for m in sorted(feats):
+            t = feats[m]
+            x = t[:, 0] if t.shape[1] == 1 else t.float().mean(1)
+            key[start:stop] += (x.double() * directions[m]).sum(1)
+    order = torch.argsort(key, stable=True)
+    split.__dict__["_eval_order_host"] = order
+    split.__dict__["_eval_order"] = order.to(split.device)
+    return split.__dict__["_eval_order"]
 
 
 def host_order(split) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 
 from heads.blocks.data import Batch, SplitTensors
 from heads.blocks.order import evaluation_order
+from heads.errors import OptionError
 
 MODES = ("feature", "modality", "none")
 
@@ -71,8 +72,9 @@ class Standardizer(nn.Module):
         """Statistics from ``split`` (the training split): present samples, tokens pooled, float64."""
         if self.mode == "none":
             return self
+        streamed = getattr(split, "streamed", False)
         for m in self.modalities:
-            if split.tokens[m].dtype == torch.float32:  # the float32 path of earlier versions, bit for bit
+            if not streamed and split.tokens[m].dtype == torch.float32:  # the float32 path of earlier versions
                 tokens = split.tokens[m][split.present[m]]  # [n_present, T, D]
                 values = tokens.reshape(-1, tokens.shape[-1]).double()
                 if values.shape[0] == 0:
@@ -83,7 +85,7 @@ class Standardizer(nn.Module):
                     mean = values.mean().expand(values.shape[1])
                     std = values.std(unbiased=False).expand(values.shape[1])
             else:
-                moments = _blocked_moments(split.tokens[m], split.present[m], self.mode == "feature")
+                moments = _moments(_blocks(split, m), split.present[m].cpu(), self.mode == "feature")
                 if moments is None:
                     continue
                 mean, std = moments
@@ -168,7 +170,10 @@ class LazyStandardized(SplitTensors):
 
 def standardized(split: SplitTensors, standardizer: Standardizer) -> SplitTensors:
     """``split`` as the training loop reads it: a standardised float32 copy when the split is held in
-    float32 (the earlier path, unchanged), a ``LazyStandardized`` view when it is held in 16 bits."""
+    float32 (the earlier path, unchanged), a ``LazyStandardized`` view when it is held in 16 bits, a
+    streamed split whose batches are standardised when it is read from the shards."""
+    if getattr(split, "streamed", False):
+        return split.standardized_by(standardizer)
     if all(t.dtype == torch.float32 for t in split.tokens.values()):
         return standardizer.apply_split(split)
     return LazyStandardized.wrap(split, standardizer)
@@ -176,30 +181,54 @@ def standardized(split: SplitTensors, standardizer: Standardizer) -> SplitTensor
 
 def materialized(split: SplitTensors) -> SplitTensors:
     """A split whose tensors are what methods see (for code that indexes them directly)."""
+    if getattr(split, "streamed", False):
+        raise OptionError("stacked training reads whole splits as tensors, which a split streamed from the shards "
+                          "does not hold; use --stack off or --in-memory yes")
     return split.materialized() if isinstance(split, LazyStandardized) else split
 
 
-def _blocked_moments(tokens: torch.Tensor, present: torch.Tensor, per_feature: bool, rows: int = 8192):
+MOMENT_ROWS = 8192
+
+
+def _blocks(split, m: str):
+    """A function giving ``(tokens, present)`` of modality ``m`` in blocks of ``MOMENT_ROWS`` rows, in row
+    order: slices of a split in memory, or reads of a streamed one (the same blocks, so the same sums)."""
+    if getattr(split, "streamed", False):
+        present = split.present[m].cpu()
+        return lambda: ((f[m], present[a:b]) for a, b, f in split.feature_blocks(MOMENT_ROWS, [m]))
+    tokens, present = split.tokens[m], split.present[m]
+    return lambda: ((tokens[a:a + MOMENT_ROWS], present[a:a + MOMENT_ROWS]) for a in range(0, len(present), MOMENT_ROWS))
+
+
+def _blocked_moments(tokens: torch.Tensor, present: torch.Tensor, per_feature: bool, rows: int = MOMENT_ROWS):
+    """``_moments`` of a split's tokens in memory, in blocks of ``rows`` rows."""
+    return _moments(lambda: ((tokens[a:a + rows], present[a:a + rows]) for a in range(0, len(present), rows)),
+                    present, per_feature)
+
+
+def _moments(blocks, present: torch.Tensor, per_feature: bool):
     """Mean and population std of the present rows' values (tokens pooled), in float64, a block of rows
     at a time: no float64 copy of the split (which at Kinetics scale would be 4× its float16 bytes).
     Two passes (the mean, then the squared deviations from it), the textbook stable form; per feature
     or, with ``per_feature`` False, over all values. None when no row is present. The sums run in
     blocks, so the last bits of the float64 statistics can differ from one whole-array reduction."""
-    dim = tokens.shape[-1]
-    count = int(present.sum()) * tokens.shape[1]
-    if count == 0:
+    if not bool(present.any()):
         return None
-    def blocks():
-        for start in range(0, tokens.shape[0], rows):
-            block = tokens[start:start + rows][present[start:start + rows]]
-            yield block.reshape(-1, dim).double()
-    total = torch.zeros(dim, dtype=torch.float64)
-    for values in blocks():
-        total += values.sum(0)
+    total, count, dim = None, 0, 0
+
+    def values():
+        for tokens, keep in blocks():
+            block = tokens[keep]
+            yield block.reshape(-1, block.shape[-1]).double()
+    for block in values():
+        count, dim = count + block.shape[0], block.shape[1]
+        if total is None:
+            total = torch.zeros(dim, dtype=torch.float64)
+        total += block.sum(0)
     mean = total / count if per_feature else (total.sum() / (count * dim)).expand(dim)
     squares = torch.zeros(dim, dtype=torch.float64)
-    for values in blocks():
-        squares += (values - mean).pow(2).sum(0)
+    for block in values():
+        squares += (block - mean).pow(2).sum(0)
     var = squares / count if per_feature else (squares.sum() / (count * dim)).expand(dim)
     return mean, var.sqrt()
 

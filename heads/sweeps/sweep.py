@@ -252,7 +252,11 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
     if on_gpu:
         workers = 1  # one process owns the device; stacking is how a GPU sweep runs runs in parallel
-    stacking = stack == "on" or (stack == "auto" and on_gpu)
+    streamed = bool(data.meta.get("streamed"))  # stacked runs gather whole tensors, which streaming does not hold
+    if streamed and stack == "on":
+        raise OptionError("--stack on trains configs as batched whole-split tensors, which a split streamed from "
+                          "the shards does not hold; use --in-memory yes or --stack off")
+    stacking = (stack == "on" or (stack == "auto" and on_gpu)) and not streamed
     stacked = {s.name for s in specs if stacking and can_stack(s.cfg)}
     epochs = {s.cfg.epochs for s in specs}
     total = max(epochs)

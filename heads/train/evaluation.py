@@ -79,9 +79,8 @@ def predict(model, split: SplitTensors, modalities, batch_size: int, with_loss: 
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
     scores = None
     with torch.inference_mode(), model_autocast(model):
-        for start in range(0, len(split), batch_size):
-            rows = index[start:start + batch_size]
-            batch = split.batch(rows, host[start:start + batch_size]).only(modalities)
+        for rows, batch in split.ordered_batches(index, host, batch_size):
+            batch = batch.only(modalities)
             logits = _logits(model, batch, prepared)
             preds[rows] = logits.argmax(-1)
             if probs is not None:
@@ -149,9 +148,7 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
     at = subsets.index(full) if full in subsets else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
     with torch.inference_mode(), model_autocast(model):
-        for start in range(0, len(split), chunk):
-            rows = index[start:start + chunk]
-            batch = split.batch(rows, host[start:start + chunk])
+        for rows, batch in split.ordered_batches(index, host, chunk):
             logits = _logits(model, _stack_subsets(batch, subsets), prepared).view(len(subsets), len(batch), -1)
             best = logits.argmax(-1)
             for i, s in enumerate(subsets):
