@@ -138,10 +138,10 @@ def test_papers_settings_are_the_ones_their_sources_state():
 def test_epoch_counts_are_the_ones_their_sources_state():
     """MMPareto's official code trains 50 epochs, the CCAT paper 150, CRMT's configs 140 + 45, LFM's
     current release 200 from scratch, Relearning's script 90, DI-MML's 150 stage-1 epochs (here the whole
-    run, 100 + 50); the others the field's 100 (before: every method 100)."""
+    run, 100 + 50), Valuate-and-Enhance's KS scripts 60; the others the field's 100 (before: every method 100)."""
     epochs = {name: cls.training.epochs for name, cls in METHODS.items()}
     assert {n: e for n, e in epochs.items() if e != 100} == {"mmpareto": 50, "ccat": 150, "crmt": 185, "lfm": 200,
-                                                                  "relearn": 90, "dimml": 150}
+                                                                  "relearn": 90, "dimml": 150, "valuation": 60}
     assert METHODS["crmt"].training.stages == (140, 45) and METHODS["ccat"].training.stages == (45, 105)
     assert "50 epochs" in METHODS["mmpareto"].training.describe()
     assert "185 epochs (140 + 45)" in METHODS["crmt"].training.describe()

@@ -56,7 +56,7 @@ from heads.blocks.data import SplitTensors
 from heads.blocks.domains import POSITIVE_INT, UNIT_OPEN
 from heads.blocks.optim import make_optimizer, scheduled_lr
 from heads.errors import OptionError
-from heads.methods.base import encode
+from heads.methods.base import FIELD_PROTOCOL, Training, encode
 from heads.methods.concat import Concat
 
 MM = "mm"  # the fused head's name among the heads
@@ -100,6 +100,10 @@ class GBlend(Concat):
     summary = "concat + unimodal heads, losses weighted by each head's generalisation gain per overfitting (ΔG/ΔO²) measured on a held-out part of train"
     modality_rule = "any M: M + 1 heads"
     stackable = False  # its own epoch_split and estimates in start_epoch
+    training = Training(FIELD_PROTOCOL.optimizer, FIELD_PROTOCOL.lr, FIELD_PROTOCOL.weight_decay, FIELD_PROTOCOL.schedule,
+                        FIELD_PROTOCOL.batch_size,
+                        "the field protocol (choice): no official G-Blend code; MultiBench's gradient_blend.py and BalanceMM's "
+                        "trainer take the optimizer of their benchmark")
 
     def __init__(self, spec, cfg, opts):
         super().__init__(spec, cfg, opts)
