@@ -218,7 +218,10 @@ def test_ablation_switches_change_the_steps_per_batch():
     batch = random_batch()
     counts = {}
     # β = 1.01 sends every sample to the secondary update (c ≤ 1), β = 0 none.
-    for name, options in {"full": {"beta": 1.01}, "no-alternate": {"alternate": False, "beta": 0.0},
+    # With Cls frozen the M alternating steps (and the M secondary ones) touch disjoint parameters and are
+    # one step each (test_frozen_classifier_steps_are_fused_with_the_same_update); --no-freeze takes them in turn.
+    for name, options in {"full": {"beta": 1.01}, "no-freeze": {"freeze": False, "beta": 1.01},
+                          "no-alternate": {"alternate": False, "beta": 0.0},
                           "no-secondary": {"secondary": False, "beta": 1.01}, "no-lora": {"lora": False, "beta": 0.0}}.items():
         model = ccat(pretrain_epochs=0, **options)
         model.optimizer = model.configure_optimizer()
@@ -230,7 +233,49 @@ def test_ablation_switches_change_the_steps_per_batch():
         if name == "no-lora":
             assert model.lora is None
             assert {id(p) for g in model.optimizer.param_groups for p in g["params"]} == {id(p) for p in model.proj.parameters()}
-    assert counts == {"full": 4, "no-alternate": 1, "no-secondary": 2, "no-lora": 2}
+    assert counts == {"full": 2, "no-freeze": 4, "no-alternate": 1, "no-secondary": 1, "no-lora": 1}
+
+
+@pytest.mark.parametrize("spec, options", [(SPEC, {}), (SPEC3, {"lora": False}), (SPEC3, {"alternate": False})])
+def test_frozen_classifier_steps_are_fused_with_the_same_update(spec, options):
+    """Stage 2 with Cls frozen: one backward of the summed unimodal losses and one SGD step (momentum,
+    weight decay) give every parameter and momentum buffer the same bits as M steps in turn, and so does
+    the fused secondary update against one step per modality on its selected samples."""
+    fused, alone = ccat(spec, pretrain_epochs=0, beta=0.5, **options), ccat(spec, pretrain_epochs=0, beta=0.5, **options)
+    for model in (fused, alone):
+        model.optimizer = model.configure_optimizer()
+        model.start_epoch(1)
+    for seed in range(3):  # several batches, so momentum carries over
+        b = random_batch(seed=seed, spec=spec)
+        b.present[spec.modalities[-1]][:4] = False
+        fused.train_step(b)
+        for m in spec.modalities:  # the reference: the paper's loop, one modality at a time
+            alone.step(alone.unimodal_loss(b, m))
+        masks = alone.secondary_masks(b)
+        assert 0 < sum(int(r.sum()) for r in masks.values()) < len(b) * len(spec.modalities)
+        for m in spec.modalities:
+            loss = alone.unimodal_loss(b, m, masks[m])
+            if loss is not None:
+                alone.step(loss)
+    for (name, p), q in zip(fused.named_parameters(), alone.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(fused.optimizer.state[p]["momentum_buffer"], alone.optimizer.state[q]["momentum_buffer"]) \
+            if p.requires_grad else p not in fused.optimizer.state
+
+
+def test_pretraining_keeps_its_gradient_buffers_and_frees_them_at_the_switch():
+    """Stage 1 zeroes gradients in place (every stage-1 parameter is in each batch's graph); stage 2 starts
+    with none left over on the frozen fusion and classifier."""
+    model = ccat(pretrain_epochs=1)
+    model.optimizer = model.configure_optimizer()
+    model.start_epoch(1)
+    model.train_step(random_batch())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    model.train_step(random_batch(seed=1))
+    assert all(p.grad is grads[n] for n, p in model.named_parameters() if n in grads)  # the same buffers, reused
+    model.start_epoch(2)
+    assert model.stage == 2 and all(p.grad is None for n, p in model.named_parameters() if n.startswith(("fusion.", "cls.")))
 
 
 def test_ccat_learns_and_is_deterministic(small_av):

@@ -179,18 +179,20 @@ def test_stacked_subset_batch_makes_the_outside_modalities_absent():
     assert stacked.counts == {"a": 4, "b": 4} and stacked.y.tolist() == [0, 1] * 3
 
 
-def test_edm_with_alignment_keeps_one_pass_per_subset(monkeypatch):
-    """Alignment mixes a batch's samples, so stacking subsets into one batch would change v(S)."""
+def test_edm_with_alignment_keeps_its_evaluation_batches(monkeypatch):
+    """Alignment mixes a batch's samples, so stacking subsets into one batch would change v(S): edm's
+    subsets are scored by its own ``subset_logits``, one call per fixed evaluation batch, never stacked."""
     from heads.train import evaluation
 
     data = random_data(modalities=2)
     model = build_model(TrainConfig(method="edm", hidden=8, device="cpu"), data.spec)
     assert not model.batch_independent
-    calls = []
-    real = evaluation.predict
-    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    calls, real = [], model.subset_logits
+    model.subset_logits = lambda batch, subsets: calls.append((len(batch), len(subsets))) or real(batch, subsets)
+    monkeypatch.setattr(evaluation, "_stack_subsets", lambda *a: pytest.fail("edm's subsets were stacked"))
     evaluate(model, data.val, data.spec, 8)
-    assert len(calls) == 3  # {m0}, {m1}, {m0, m1}
+    sizes = [min(8, len(data.val) - start) for start in range(0, len(data.val), 8)]
+    assert calls == [(n, 3) for n in sizes]  # {m0}, {m1}, {m0, m1} of each batch of 8
 
 
 def test_beyond_eight_modalities_phi_is_sampled_with_its_standard_error():

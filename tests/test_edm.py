@@ -287,3 +287,53 @@ def test_each_chain_step_loss_averages_the_samples_that_have_the_modality():
     steps.clear()
     model.train_step(b)
     assert len(steps) == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"gate": "learnable"}, {"memory": False}, {"inherit": False}])
+def test_subset_logits_equal_each_subsets_own_pass_and_share_prefixes(options):
+    """evaluate's per-epoch φ scores every subset through ``subset_logits``: the logits must be those of
+    ``logits(batch.only(S))`` bit for bit, for every subset, with missing samples, and the chain must take
+    one step per prefix node (2^M − 1 = 15 at M = 4), not one per modality of each subset (M·2^(M−1) = 32)."""
+    from heads import metrics
+
+    spec = DataSpec(["a", "b", "c", "d"], {"a": 6, "b": 4, "c": 5, "d": 3}, dict.fromkeys("abcd", 1), 3, ["x", "y", "z"], 0)
+    model = edm(spec, initial_order="c,a,d,b", **options)
+    with torch.no_grad():
+        model.memory_h.normal_()
+        model.memory_c.normal_()
+    model.start_epoch(1)
+    model.eval()
+    b = batch(spec, n=9, seed=3)
+    b.present["a"][[0, 4]] = False
+    b.present["d"][2] = False
+    for m in b.x:
+        b.x[m] = b.x[m] * b.present[m][:, None]
+        b.tokens[m] = b.x[m][:, None]
+    subsets = [s for s in metrics.all_subsets(spec.modalities) if s]
+    steps, plain = [], model.chain_step
+    model.chain_step = lambda *args: (steps.append(args[0]), plain(*args))[1]
+    with torch.no_grad():
+        shared = model.subset_logits(b, subsets)
+        assert len(steps) == 15 and steps[:3] == ["c", "a", "a"]  # the tree grows in the chain's order
+        for i, s in enumerate(subsets):
+            assert torch.equal(shared[i], model.logits(b.only(s))), sorted(s)
+    # A wanted subset list with gaps grows only the prefixes it needs: {b} alone is one step.
+    steps.clear()
+    with torch.no_grad():
+        only_b = model.subset_logits(b, [frozenset("b")])
+    assert steps == ["b"] and torch.equal(only_b[0], model.logits(b.only("b")))
+
+
+def test_evaluation_uses_subset_logits_and_gets_the_per_subset_numbers(small_av):
+    """``evaluate`` routes edm's subsets through ``subset_logits`` (one call per evaluation batch) and gives
+    the same report as one pass per subset."""
+    data = load_head_data([small_av])
+    result = fit(data, TrainConfig(method="edm", epochs=2, batch_size=16, seed=1), progress=False)
+    model, split = result.model, data.val
+    calls, plain = [], model.subset_logits
+    model.subset_logits = lambda *args: (calls.append(1), plain(*args))[1]
+    shared = evaluate(model, split, data.spec, 16)
+    assert len(calls) == -(-len(split) // 16)
+    model.subset_logits = None  # the core's per-subset path
+    alone = evaluate(model, split, data.spec, 16)
+    assert shared.v == alone.v and shared.loss == alone.loss and torch.equal(shared.pred, alone.pred)

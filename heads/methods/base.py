@@ -36,6 +36,11 @@ validation is the best so far:
   (seeded, restored at every ``run``, saved in checkpoints), so a run interleaved with others (a pruned
   grid) or resumed reproduces itself alone. Python's ``random`` and numpy are not per-run streams:
   do not use them in a method.
+
+One more hook serves evaluation, not training: a batch-dependent method may define
+``subset_logits(batch, subsets)`` (logits ``[len(subsets), B, C]`` of one evaluation batch with only each
+subset present) when it can share work between subsets; the core then calls it once per evaluation
+batch instead of ``logits`` once per subset (edm: subsets with a common prefix of its chain share it).
 """
 from __future__ import annotations
 
@@ -199,9 +204,15 @@ class HeadMethod(nn.Module, ABC):
         """The default objective: cross-entropy of the fused prediction."""
         return nn.functional.cross_entropy(self.logits(batch), batch.y)
 
-    def step(self, loss: torch.Tensor, before_step=None) -> None:
-        """zero_grad → backward → optional gradient surgery → optimizer step."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, loss: torch.Tensor, before_step=None, set_to_none: bool = True) -> None:
+        """zero_grad → backward → optional gradient surgery → optimizer step.
+
+        Gradients are reset to None by default: a parameter the loss does not reach then has no gradient
+        and the optimizer leaves it alone (weight decay and momentum included), which alternating methods
+        rely on. ``set_to_none=False`` zeroes them in place instead, for a step whose loss reaches every
+        trainable parameter (the same update, without reallocating large gradient buffers each step).
+        """
+        self.optimizer.zero_grad(set_to_none=set_to_none)
         loss.backward()
         if before_step is not None:
             before_step()

@@ -19,7 +19,8 @@ divides the similarities, an extension, default 1) and
 **Stage 2, classifier-constrained alternating training** (§3.3, Algorithm 1). Cls is frozen
 (``requires_grad`` off and outside the optimizer, so its weights stay bit-identical). Each modality
 gets ``LoRA_m(z) = B_m A_m z`` (eq. 9; rank ``--rank`` 2, B zero-initialised: a no-op at the switch;
-``--lora-scaling alpha-over-rank`` multiplies by α/r as the LoRA paper does), added to the classifier's output. Per batch, for each modality in turn:
+``--lora-scaling alpha-over-rank`` multiplies by α/r as the LoRA paper does), added to the classifier's output. Per batch, for each modality in turn
+(with Cls frozen these steps touch disjoint parameters and are taken as one, the same update: ``alternating_step``):
 ``ŷ^m = softmax(Cls(z^m) + LoRA_m(z^m))`` with ``z^m = P_m(x̄_m)`` (pooled feature, as every other
 method's unimodal path, choice), CE over the samples that have m, one optimizer step on P_m and
 LoRA_m. Then the **secondary update**: with the updated model, c_i^m is computed by the same InfoNCE
@@ -182,6 +183,7 @@ class CCAT(HeadMethod):
         super().start_epoch(epoch)
         if self.stage == 1 and epoch > self.pretrain_epochs:
             self.stage = 2
+            self.optimizer.zero_grad(set_to_none=True)  # stage 1 kept its gradient buffers: free them
             self._set_trainable(2)
             self.optimizer = make_optimizer(self.stage_parameters(2), self.cfg)
         self._reset_stats()
@@ -215,8 +217,12 @@ class CCAT(HeadMethod):
         return ce + self.opts.lambda_reg * reg, reg
 
     def pretrain_step(self, batch):
+        """One step on ``CE + λ L_reg``. Every stage-1 parameter is in the graph of every batch (absent
+        directions are masked, not skipped), so the gradient buffers are kept between steps and zeroed in
+        place: the same update, without reallocating the M(M−1) blocks' gradients every step (at M = 6,
+        24M parameters: freeing and re-faulting them was a third of a stage-1 epoch)."""
         loss, reg = self.pretrain_loss(batch)
-        self.step(loss)
+        self.step(loss, set_to_none=False)
         self._stats["reg"] += reg.detach()  # stays on the device until the epoch ends
         self._stats["batches"] += 1
         return loss.detach()
@@ -242,8 +248,15 @@ class CCAT(HeadMethod):
         return nn.functional.cross_entropy(self.head(m, self.proj[m](x)), y)
 
     def alternating_step(self, batch):
-        losses = []
-        if self.opts.alternate:
+        """The M unimodal steps, then the secondary update. With the classifier frozen (the default) step m
+        reaches only P_m and LoRA_m, so the M steps touch disjoint parameters and are taken as one backward
+        of their summed losses and one optimizer step: for every parameter the same gradient and the same
+        update as M steps in turn, bit for bit (``tests/test_ccat.py`` pins it), at the cost of one step
+        instead of M. With ``--no-freeze`` Cls is shared and each step sees the previous one's update, so
+        they stay sequential; ``--no-alternate`` is the joint step in either case (so with Cls frozen it
+        trains exactly as the default does: the ablation only differs with ``--no-freeze``)."""
+        if self.opts.alternate and not self.opts.freeze:
+            losses = []
             for m in self.modalities:
                 loss = self.unimodal_loss(batch, m)
                 if loss is not None:
@@ -251,8 +264,7 @@ class CCAT(HeadMethod):
                     losses.append(loss.detach())
         else:
             terms = [t for t in (self.unimodal_loss(batch, m) for m in self.modalities) if t is not None]
-            loss = sum(terms)
-            self.step(loss)
+            self.step(sum(terms))
             losses = [t.detach() for t in terms]
         if self.opts.secondary:
             self.secondary_update(batch)
@@ -279,12 +291,21 @@ class CCAT(HeadMethod):
         return {m: batch.present[m] & (c[i] < self.opts.beta) for i, m in enumerate(self.modalities)}
 
     def secondary_update(self, batch) -> dict[str, torch.Tensor]:
+        """One more CE step for each modality on its samples with ``c^m < β`` (masks from one pass of the
+        updated model). As in ``alternating_step``, with Cls frozen the modalities' steps are one step
+        on the sum of their losses (disjoint parameters: the same update); with ``--no-freeze`` one each."""
         masks = self.secondary_masks(batch)
+        terms = []
         for m, rows in masks.items():
             loss = self.unimodal_loss(batch, m, rows)
             if loss is not None:
-                self.step(loss)
+                if self.opts.freeze:
+                    terms.append(loss)
+                else:
+                    self.step(loss)
             self._stats[m] += rows.sum()
+        if terms:
+            self.step(sum(terms))
         self._stats["samples"] += len(batch)
         return masks
 

@@ -130,9 +130,12 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
     Methods whose prediction for a sample depends on that sample alone (``batch_independent``) score
     all subsets in one pass per chunk of rows: the chunk is repeated once per subset, masked, and sent
     through the model together — one forward instead of 2^M − 1. Methods that look across a batch
-    (edm's alignment) keep one pass per subset in the fixed evaluation batches.
+    (edm's alignment) keep the fixed evaluation batches: their own ``subset_logits`` scores every subset
+    of one batch where they define it (``heads/methods/base.py``), else one pass per subset.
     """
-    if not getattr(model, "batch_independent", True) or len(subsets) == 1:
+    independent = getattr(model, "batch_independent", True)
+    shared = None if independent else getattr(model, "subset_logits", None)
+    if (not independent and shared is None) or len(subsets) == 1:
         preds, loss = {}, float("nan")
         for s in subsets:
             if s == full:
@@ -142,14 +145,17 @@ def predict_subsets(model, split: SplitTensors, subsets: list[frozenset], batch_
         return preds, loss
     model.eval()
     index, host = evaluation_order(split), host_order(split)
-    chunk = max(batch_size, STACKED_EVAL_ROWS // len(subsets))
+    chunk = batch_size if shared is not None else max(batch_size, STACKED_EVAL_ROWS // len(subsets))
     preds = {s: torch.empty(len(split), dtype=torch.long, device=split.device) for s in subsets}
     scores = dict.fromkeys(subsets)
     at = subsets.index(full) if full in subsets else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
     with torch.inference_mode(), model_autocast(model):
         for rows, batch in split.ordered_batches(index, host, chunk):
-            logits = _logits(model, _stack_subsets(batch, subsets), prepared).view(len(subsets), len(batch), -1)
+            if shared is not None:
+                logits = shared(batch if prepared else model.standardizer(batch), subsets)
+            else:
+                logits = _logits(model, _stack_subsets(batch, subsets), prepared).view(len(subsets), len(batch), -1)
             best = logits.argmax(-1)
             for i, s in enumerate(subsets):
                 preds[s][rows] = best[i]
