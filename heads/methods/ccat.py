@@ -58,6 +58,12 @@ probabilities (choice). In stage 1 LoRA is still zero, so this is the pretrained
 each modality alone; the selected epoch's stage is visible in ``epochs.csv`` (``ccat_stage``).
 Unimodal accuracy v({m}) is that modality's own ``Cls + LoRA_m`` prediction.
 
+**Cost.** Stage 1 has one block per ordered pair: at M = 6, 30 blocks of ``10 d²`` multiply-adds per
+sample forward (value and output projections, the 4d FFN), 24M parameters at d = 256, about 180× the
+arithmetic of a concat epoch, so pretraining dominates a run on many modalities whatever the
+overheads (``benchmarks/RESULTS.md``, issue 24 part 5). Stage 2 costs two optimizer steps per batch
+with Cls frozen (the alternating and the secondary steps, each fused over the modalities).
+
 Ablations (paper's Table 2): ``--no-freeze`` (Cls trained in stage 2 too), ``--no-alternate`` (one
 joint step on the sum of the M unimodal losses per batch), ``--no-secondary``, ``--no-lora``.
 """
