@@ -83,6 +83,37 @@ def test_cross_attention_fusion_sums_all_ordered_pairs_and_handles_single_tokens
     assert torch.isfinite(loss) and 0 <= float(reg.detach()) <= 1
 
 
+def test_joint_fusion_is_the_pairs_fusion_at_two_modalities_and_masks_absent_keys_beyond():
+    """``--fusion joint``: at M = 2 the same blocks, parameters and loss as the paper's two directions; at
+    M = 3 one block per modality (3, not 6), whose queries attend to exactly the present modalities' tokens."""
+    batch = random_batch(n=6)
+    pairs, joint = ccat(), ccat(fusion="joint")
+    assert pairs.state_dict().keys() == joint.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(pairs.state_dict().values(), joint.state_dict().values()))
+    assert torch.equal(pairs.pretrain_loss(batch)[0], joint.pretrain_loss(batch)[0])
+    model = ccat(SPEC3, fusion="joint")
+    assert sorted(model.fusion.blocks) == ["a<-v+t", "t<-a+v", "v<-a+t"]
+    b = random_batch(n=6, spec=SPEC3)
+    b.present["t"][:2] = False  # samples 0, 1: a and v only
+    b.present["v"][4] = b.present["t"][4] = False  # sample 4: a alone, no direction
+    z = {m: model.proj[m](b.tokens[m]) * b.present[m][:, None, None] for m in SPEC3.modalities}
+    fused, directions = model.fusion(z, b.present)
+    assert directions.tolist() == [2, 2, 3, 3, 0, 3] and torch.isfinite(fused).all()
+    assert torch.equal(fused[4], torch.zeros_like(fused[4]))
+    blocks = model.fusion.blocks
+    # Sample 0 lacks t: a's queries attend to v's one token alone, v's to a's three tokens alone.
+    rows = slice(0, 1)
+    by_hand = blocks["a<-v+t"](z["a"][rows], z["v"][rows]) + blocks["v<-a+t"](z["v"][rows], z["a"][rows])
+    torch.testing.assert_close(fused[rows], by_hand)
+    # Sample 2 has all three: a attends to v's and t's tokens together.
+    rows = slice(2, 3)
+    whole = blocks["a<-v+t"](z["a"][rows], torch.cat([z["v"][rows], z["t"][rows]], 1))
+    torch.testing.assert_close(fused[rows], whole + blocks["v<-a+t"](z["v"][rows], torch.cat([z["a"][rows], z["t"][rows]], 1))
+                               + blocks["t<-a+v"](z["t"][rows], torch.cat([z["a"][rows], z["v"][rows]], 1)))
+    with pytest.raises(ValueError, match="pairs or joint"):
+        __import__("heads.blocks.modules", fromlist=["BiCrossAttention"]).BiCrossAttention(["a", "v"], 8, form="star")
+
+
 def test_lora_starts_as_a_noop_and_then_learns():
     model = ccat(pretrain_epochs=0)  # straight to stage 2
     model.optimizer = model.configure_optimizer()

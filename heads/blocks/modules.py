@@ -121,35 +121,59 @@ class CrossAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Linear(ffn_mult * hidden, hidden))
         self.norm2 = nn.LayerNorm(hidden)
 
-    def forward(self, z_q: torch.Tensor, z_kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_q: torch.Tensor, z_kv: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+        """``ignore`` ``[B, T_kv]``: key tokens a sample does not attend to (True), as ``key_padding_mask``."""
         if z_kv.shape[1] == 1:
             d = z_kv.shape[-1]
             value = nn.functional.linear(z_kv, self.attn.in_proj_weight[2 * d:], self.attn.in_proj_bias[2 * d:])
             a = self.attn.out_proj(value)  # [B, 1, d], broadcast over the query tokens
         else:
-            a = self.attn(z_q, z_kv, z_kv, need_weights=False)[0]
+            a = self.attn(z_q, z_kv, z_kv, key_padding_mask=ignore, need_weights=False)[0]
         h = self.norm1(z_q + a)
         return self.norm2(h + self.ffn(h)).mean(1)
 
 
 class BiCrossAttention(nn.Module):
-    """Bidirectional cross-attention fusion over M ≥ 2 modalities: ``f = Σ_{i≠j} Block_{i←j}(z_i, z_j)``.
+    """Bidirectional cross-attention fusion over M ≥ 2 modalities: ``f = Σ_i Block_{i←K_i}(z_i, z_{K_i})``.
 
-    One block per ordered pair (for M = 2 exactly the paper's two directions; for M > 2 the sum over
-    all ordered pairs, choice). A direction contributes to a sample only when both of its modalities
-    are present there; ``forward`` also returns how many directions contributed per sample.
+    ``form="pairs"``: one block per ordered pair, K_i = {j} (for M = 2 exactly the paper's two
+    directions; for M > 2 the sum over all M(M−1) ordered pairs, choice). ``form="joint"``: one block per
+    modality, whose queries attend to the tokens of all the others at once (K_i = every j ≠ i, absent
+    ones masked out of the keys): M blocks instead of M(M−1), the same two directions at M = 2 (and the
+    same parameters, drawn in the same order). A direction contributes to a sample only when its query
+    modality and at least one key modality are present there; ``forward`` also returns how many
+    directions contributed per sample.
     """
 
-    def __init__(self, modalities: list[str], hidden: int, heads: int = 4, ffn_mult: int = 4):
+    def __init__(self, modalities: list[str], hidden: int, heads: int = 4, ffn_mult: int = 4, form: str = "pairs"):
         super().__init__()
-        self.pairs = [(i, j) for i in modalities for j in modalities if i != j]
-        self.blocks = nn.ModuleDict({f"{i}<-{j}": CrossAttentionBlock(hidden, heads, ffn_mult) for i, j in self.pairs})
+        if form not in ("pairs", "joint"):
+            raise ValueError(f"cross-attention form must be pairs or joint, got {form!r}")
+        if form == "pairs":
+            self.directions = [(i, (j,)) for i in modalities for j in modalities if i != j]
+        else:
+            self.directions = [(i, tuple(j for j in modalities if j != i)) for i in modalities]
+        self.blocks = nn.ModuleDict({self.name(i, keys): CrossAttentionBlock(hidden, heads, ffn_mult)
+                                     for i, keys in self.directions})
+
+    @staticmethod
+    def name(query: str, keys: tuple[str, ...]) -> str:
+        return f"{query}<-{'+'.join(keys)}"
 
     def forward(self, z: dict[str, torch.Tensor], present: dict[str, torch.Tensor]):
         """``z[m]``: ``[B, T_m, d]`` token features → (``f`` ``[B, d]``, contributing directions ``[B]``)."""
         fused, count = 0.0, 0.0
-        for i, j in self.pairs:
-            both = (present[i] & present[j]).unsqueeze(1).to(z[i].dtype)
-            fused = fused + self.blocks[f"{i}<-{j}"](z[i], z[j]) * both
+        for i, keys in self.directions:
+            block = self.blocks[self.name(i, keys)]
+            if len(keys) == 1:
+                out, some = block(z[i], z[keys[0]]), present[keys[0]]
+            else:
+                ignore = torch.cat([(~present[j]).unsqueeze(1).expand(-1, z[j].shape[1]) for j in keys], 1)
+                some = ~ignore.all(1)
+                # A sample with no key modality attends to the zeros (no all-masked softmax, no NaN): its
+                # direction does not count below.
+                out = block(z[i], torch.cat([z[j] for j in keys], 1), ignore & some.unsqueeze(1))
+            both = (present[i] & some).unsqueeze(1).to(z[i].dtype)
+            fused = fused + out * both
             count = count + both.squeeze(1)
         return fused, count

@@ -7,7 +7,8 @@ switches stage and rebuilds the optimizer over the new stage's trainable paramet
 **Stage 1, classifier pretraining** (paper §3.2, appendix A.1). Token features are projected per
 token, ``z_m = P_m(x_m)`` ``[B, T_m, d]`` (T = 1 works), and fused by bidirectional cross-attention:
 for each ordered pair ``a = MHA(q = z_i, k = v = z_j)``, ``h = LN(z_i + a)``, ``f = LN(h + FFN(h))``,
-average-pooled over tokens, summed over the directions (all ordered pairs for M > 2, choice; see
+average-pooled over tokens, summed over the directions (all ordered pairs for M > 2, choice; ``--fusion joint``:
+one block per modality attending to all the others' tokens at once, M blocks instead of M(M−1); see
 ``heads.blocks.modules.BiCrossAttention``; the paper gives no sizes: ``--heads`` 4, FFN d → 4d → d with GELU,
 ``--ffn-mult``, choice). The shared classifier ``Cls: d → C`` is trained with
 ``CE(Cls(f), y) + λ L_reg`` (λ = ``--lambda-reg``, default 0.001), where the per-sample contributions
@@ -89,6 +90,7 @@ class CCATOptions:
     lora_scaling: Literal["none", "alpha-over-rank"] = field(default="none", metadata={"help": "output × α (eq. 9, default) or × α/r (LoRA paper; couples rank and step size)"})
     beta: float = field(default=0.15, metadata={"domain": NONNEGATIVE, "help": "secondary-update threshold β on a sample's contribution c"})
     temperature: float = field(default=1.0, metadata={"domain": POSITIVE, "help": "InfoNCE temperature of the contributions (1 = the paper's formula, none)"})
+    fusion: Literal["pairs", "joint"] = field(default="pairs", metadata={"help": "stage-1 cross-attention for M > 2: a block per ordered pair (M(M−1)) or per modality attending to all the others' tokens (M); the same at M = 2"})
     heads: int = field(default=4, metadata={"domain": POSITIVE_INT, "help": "attention heads of the cross-attention blocks"})
     ffn_mult: int = field(default=4, metadata={"domain": POSITIVE_INT, "help": "FFN width of the cross-attention blocks, × hidden"})
     freeze: bool = field(default=True, metadata={"help": "freeze the classifier in stage 2 (--no-freeze for the ablation)"})
@@ -151,7 +153,7 @@ class CCAT(HeadMethod):
         if d % opts.heads:  # multi-head attention splits d into equal heads
             raise ValueError(f"ccat: --heads {opts.heads} must divide the hidden width --hidden {d}")
         self.proj = projections(spec, d)
-        self.fusion = BiCrossAttention(self.modalities, d, opts.heads, opts.ffn_mult)
+        self.fusion = BiCrossAttention(self.modalities, d, opts.heads, opts.ffn_mult, opts.fusion)
         self.cls = nn.Linear(d, spec.num_classes)
         self.lora = nn.ModuleDict({m: LoRA(d, spec.num_classes, opts.rank, opts.lora_alpha, opts.lora_scaling) for m in self.modalities}) if opts.lora else None
         if opts.pretrain_epochs < 0:
