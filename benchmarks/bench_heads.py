@@ -12,7 +12,10 @@ of a concat run measured in the same run.
 arithmetic; ``--settings paper`` gives each method its own training defaults, as ``compare`` runs them
 (batch size, optimizer, stages: ccat's pretraining epochs are 30% of ``--epochs``), which is what a
 user's epoch costs. ``s/epoch`` is the time inside the epochs (training and each epoch's validation),
-without the final reports; ``× concat`` is that ratio, from the same interleaved run.
+without the final reports; ``× concat`` is that ratio, from the same interleaved run. ``cpu ×`` is the
+same ratio in the process's own CPU time, which a busy shared machine disturbs less than wall time
+(a run waiting for a core accrues none). ``--methods`` takes method specs with options, as
+``compare`` does: ``concat,ccat,ccat[fusion=joint]``.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from heads.train.trainer import Trainer
 from heads.blocks.loading import load_head_data  # noqa: E402
 from heads.methods import METHODS  # noqa: E402
 from heads.blocks.optim import SHARED  # noqa: E402
+from heads.sweeps.specs import parse_method_spec, split_specs  # noqa: E402
 
 SAME = {"optimizer": SHARED.optimizer, "lr": SHARED.lr, "weight_decay": SHARED.weight_decay,
         "schedule": SHARED.schedule, "batch_size": SHARED.batch_size}
@@ -65,16 +69,20 @@ def main() -> None:
     # Speed is about arithmetic: every method runs under one setting (batch 256, Adam), not its paper's.
     cfg = TrainConfig(**SAME)
     dims = [data.spec.dims[m] for m in data.spec.modalities]
-    methods = args.methods.split(",")
+    methods = split_specs(args.methods)
     settings = SAME if args.settings == "same" else {}
-    trainers = {m: Trainer(data, TrainConfig(method=m, epochs=args.epochs, device="cpu", **settings)) for m in methods}
-    rates, inside = [], {m: 0.0 for m in methods}
+    trainers = {}
+    for spec in methods:
+        name, options = parse_method_spec(spec)
+        trainers[spec] = Trainer(data, TrainConfig(method=name, epochs=args.epochs, device="cpu", options=options, **settings))
+    rates, inside, cpu = [], {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
     for epoch in range(1, args.epochs + 1):
         rates.append(matmul_gflops(cfg.batch_size, dims, cfg.hidden, repeats=5))
         for method, trainer in trainers.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             trainer.run(epoch)
             inside[method] += time.perf_counter() - start
+            cpu[method] += time.process_time() - start_cpu
     results = {m: t.finish() for m, t in trainers.items()}
     gflops = statistics.mean(rates)
     # One epoch of concat: forward + weight gradient of every projection on every training sample.
@@ -87,11 +95,13 @@ def main() -> None:
     print(f"arithmetic bound of a {args.epochs}-epoch concat run: {args.epochs * epoch_gflop:.0f} GFLOP → {bound:.1f} s")
     reference = results["concat"].seconds if "concat" in results else None
     print(f"settings: {args.settings} ({'batch 256, adam, for every method' if args.settings == 'same' else 'each method its own'})")
-    print(f"{'method':10s} {'s/epoch':>8s} {'× concat':>9s} {'run (s)':>8s} {'× bound':>8s} {'test acc':>9s}")
+    width = max(10, *map(len, results))
+    print(f"{'method':{width}s} {'s/epoch':>8s} {'× concat':>9s} {'cpu ×':>6s} {'run (s)':>8s} {'× bound':>8s} {'test acc':>9s}")
     for method, result in results.items():
         per_epoch = inside[method] / args.epochs
         versus = f"{inside[method] / inside['concat']:9.2f}" if reference else f"{'-':>9s}"
-        print(f"{method:10s} {per_epoch:8.3f} {versus} {result.seconds:8.1f} {result.seconds / bound:8.2f} "
+        versus_cpu = f"{cpu[method] / cpu['concat']:6.2f}" if reference else f"{'-':>6s}"
+        print(f"{method:{width}s} {per_epoch:8.3f} {versus} {versus_cpu} {result.seconds:8.1f} {result.seconds / bound:8.2f} "
               f"{result.test.acc:9.2f}")
 
 
