@@ -152,3 +152,25 @@ def test_stacked_edm_runs_train_as_alone(data, options):
         torch.testing.assert_close(a.model.memory_h, b.model.memory_h, atol=2e-5, rtol=1e-4)
         assert [r.get("val_edm") for r in a.rows] == pytest.approx([r.get("val_edm") for r in b.rows])
     assert ("val_edm" in alone[0].rows[0]) == (options.get("order", "weak-to-strong") == "weak-to-strong")
+
+
+def test_stacked_edm_validation_scores_subsets_through_its_prefix_tree(data, monkeypatch):
+    """The stacked runner's per-epoch validation calls edm's ``subset_logits`` once per evaluation batch
+    (vmapped over the runs), not ``logits`` once per subset, and gets the runs' own numbers."""
+    from heads.methods.edm import EDM
+
+    calls, plain = [], EDM.subset_logits
+    vmapped = torch._C._functorch.is_batchedtensor  # True inside the stacked runner's vmap
+
+    def counted(self, batch, subsets):
+        if vmapped(batch.y):
+            calls.append(len(subsets))
+        return plain(self, batch, subsets)
+
+    monkeypatch.setattr(EDM, "subset_logits", counted)
+    base = TrainConfig(method="edm", epochs=1, hidden=16, device="cpu", threads=1)
+    cfgs = [dataclasses.replace(base, seed=s) for s in (0, 1)]
+    alone, stack = alone_and_stacked(data, cfgs, 1)
+    assert_same(alone, stack.trainers)
+    subsets = 2 ** len(data.spec.modalities) - 1
+    assert calls and set(calls) == {subsets}

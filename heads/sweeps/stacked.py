@@ -306,6 +306,13 @@ class StackedTrainer:
         def logits_of(params, buffers, x, tokens, present, y, rows, counts):
             return functional_call(self.call, (params, buffers), ("logits", Batch(x, tokens, present, y, counts, rows)))
 
+        # A batch-dependent method's own scoring of every subset of a batch (edm's prefix tree), vmapped.
+        shared = None if getattr(self.template, "batch_independent", True) else getattr(self.template, "subset_logits", None)
+
+        def subset_logits_of(params, buffers, x, tokens, present, y, rows, counts):
+            batch = Batch(x, tokens, present, y, counts, rows)
+            return functional_call(self.call, (params, buffers), ("subset_logits", batch, wanted))
+
         n = len(self.val[0])
         size = self.trainers[0].eval_batch_size if not getattr(self.template, "batch_independent", True) \
             else max(1, EVAL_ROWS // self.k)
@@ -326,14 +333,21 @@ class StackedTrainer:
                     counts = self._counts([self.val[k]._counts(rows_host[i], rows_host.shape[1])
                                            for i, k in enumerate(runs)], rows_host.shape[1])
                     whole = Batch(inputs["x"], inputs["tokens"], inputs["present"], inputs["y"], counts, inputs["index"])
-                    for subset in wanted:
-                        part = whole.only(subset)
-                        logits = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
-                            params, buffers, part.x, part.tokens, part.present, part.y, part.index, part.counts)
+                    every = None
+                    if shared is not None:  # [runs, subsets, rows, classes] in one vmapped call
+                        every = vmap(subset_logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
+                            params, buffers, whole.x, whole.tokens, whole.present, whole.y, whole.index, whole.counts)
+                    for i, subset in enumerate(wanted):
+                        if every is not None:
+                            logits = every[:, i]
+                        else:
+                            part = whole.only(subset)
+                            logits = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
+                                params, buffers, part.x, part.tokens, part.present, part.y, part.index, part.counts)
                         preds[subset][pick[:, None], rows] = logits.argmax(-1)
                         if subset == full:
                             loss[pick] += nn.functional.cross_entropy(
-                                logits.float().flatten(0, 1), part.y.flatten(), reduction="none"
+                                logits.float().flatten(0, 1), whole.y.flatten(), reduction="none"
                             ).view(len(runs), -1).sum(1).double()
         return self._reports(preds, (loss / max(n, 1)).tolist(), subsets)
 
