@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,26 +165,34 @@ class RayRunner:
     ``close()``, as ``workers.Workers``. A job may be a list of jobs: a stacked group, one task."""
 
     def __init__(self, data, backend: Backend):
-        start = time.perf_counter()
         self.ray = ray = connect(backend)
         self.slots = slots(ray, backend)
         self.threads = max(1, int(backend.cpus_per_run))
         self.task = ray.remote(run_task).options(num_cpus=backend.cpus_per_run, num_gpus=backend.gpus_per_run,
                                                  max_retries=RETRIES, retry_exceptions=False)
         self.box = [ray.put(data)]
-        self.pending: dict[object, object] = {}
-        self.started = time.perf_counter() - start  # connecting and putting the data (bench_ray.py)
+        self.pending: dict[object, tuple] = {}  # a task's result → (its tag, its job)
 
     def submit(self, tag, job) -> None:
-        self.pending[self.task.remote(self.box, job, self.threads)] = tag
+        self.pending[self.task.remote(self.box, job, self.threads)] = (tag, job)
 
     def wait(self):
+        """The next job to end, and its result. The job's own error is raised as itself (so a bad
+        value is still one line); a task whose worker died on every attempt becomes one line too:
+        ``MemoryError`` when Ray's memory monitor killed it, else ``OSError``, naming the run."""
         (ref,), _ = self.ray.wait(list(self.pending), num_returns=1)
-        tag = self.pending.pop(ref)
+        tag, job = self.pending.pop(ref)
+        errors = self.ray.exceptions
         try:
             return tag, self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as err:  # the job's own error, raised here as itself
+        except errors.RayTaskError as err:
             raise (err.cause if isinstance(err.cause, BaseException) else err) from None
+        except errors.RayError as err:
+            run = ", ".join(j.spec.name for j in (job if isinstance(job, list) else [job]))
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            kind = MemoryError if isinstance(err, getattr(errors, "OutOfMemoryError", ())) else OSError
+            raise kind(f"run {run} failed on Ray (retried up to {RETRIES} times): {first}; finished runs are kept, "
+                       "rerun the same command to resume") from None
 
     def close(self) -> None:
         """After an error or Ctrl-C: cancel the jobs still in flight (their checkpoints stay). Ray
