@@ -131,3 +131,20 @@ def test_backend_errors_are_one_line(args, message, cache, tmp_path, monkeypatch
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0] == f"error: {message}", result.output
         assert not list(tmp_path.iterdir())
+
+
+def test_stacked_groups_and_compare_run_as_tasks_with_the_local_numbers(cluster, cache, out):
+    """``--stack on``: each stacked group is one task (a list of jobs), its runs' numbers those of the
+    local stacked grid; ``compare`` goes through the same runner."""
+    stacked = ["--seeds", "0,1", "--epochs", 2, "--stack", "on"]
+    local = grid(cache, out, "stacked-local", *stacked, "--workers", 1)
+    remote = grid(cache, out, "stacked-ray", *stacked, "--backend", "ray")
+    assert numbers(remote) == numbers(local)
+    assert {json.loads(p.read_text())["stacked_with"] for p in remote.glob("*/results.json")} == {4}
+    runs = {}
+    for name, extra in (("compare-local", ["--workers", 1]), ("compare-ray", ["--backend", "ray"])):
+        result = invoke("compare", "--methods", "concat,late", "--seeds", "0,1", "--epochs", 2, "--hidden", 16, "--quiet",
+                        "--cache", cache, "--out", out, "--name", name, *extra)
+        assert result.exit_code == 0, result.output
+        runs[name] = numbers(out / name)
+    assert runs["compare-ray"] == runs["compare-local"] and len(runs["compare-ray"]) == 4
