@@ -118,6 +118,32 @@ def test_a_retried_finishing_job_returns_what_its_first_attempt_wrote(cache, tmp
     assert (tmp_path / "r" / "results.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("lost, kind", [("WorkerCrashedError", OSError), ("OutOfMemoryError", MemoryError)])
+def test_a_task_lost_on_every_attempt_is_one_line_naming_its_run(lost, kind):
+    """After Ray's retries a lost task is an error the CLI prints as one line (OSError, MemoryError)."""
+    from types import SimpleNamespace
+
+    from heads.sweeps.backends import RayRunner
+
+    errors = pytest.importorskip("ray.exceptions")
+
+    class Lost:
+        exceptions = errors
+
+        def wait(self, refs, num_returns):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            raise getattr(errors, lost)(*(["killed: the node ran low on memory.\nMemory on the node: …"]
+                                          if lost == "OutOfMemoryError" else []))
+
+    runner = RayRunner.__new__(RayRunner)  # the runner's wait, on a cluster that loses every attempt
+    runner.ray, runner.pending = Lost(), {"ref": (0, SimpleNamespace(spec=SimpleNamespace(name="tau=0.3-seed1")))}
+    with pytest.raises(kind, match=r"^run tau=0.3-seed1 failed on Ray \(retried up to 3 times\): \w") as err:
+        runner.wait()
+    assert "\n" not in str(err.value) and str(err.value).endswith("rerun the same command to resume")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backend", "ray"], f"--backend ray needs Ray, which is not installed: {INSTALL}"),
     (["--backend", "spark"], "--backend must be one of local, ray, got 'spark'"),
