@@ -18,9 +18,11 @@ from heads.sweeps.backends import INSTALL, KILL_ENV
 pytestmark = pytest.mark.ray
 
 GRID = ["grid", "--method", "edm", "--tau", "0.1,0.9", "--hidden", 16, "--batch-size", 64, "--quiet"]
-# Runs whose worker the kill hook ends once: while it trains, after it wrote a checkpoint, after it
-# put its finished folder in place (and deleted the checkpoint its retry starts from).
-KILLED = {"tau=0.1-seed1": "epoch", "tau=0.9-seed0": "checkpoint", "tau=0.9-seed1": "finished"}
+# (sweep, run) whose worker the kill hook ends once: while it trains, after it wrote a checkpoint,
+# after it put its finished folder in place (and deleted the checkpoint its retry starts from); and a
+# stacked group's task after all its runs were finished.
+KILLED = {("killed", "tau=0.1-seed1"): "epoch", ("killed", "tau=0.9-seed0"): "checkpoint",
+          ("killed", "tau=0.9-seed1"): "finished", ("stacked-ray", "tau=0.9-seed1"): "finished"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +46,7 @@ def out(tmp_path_factory):
 def cluster(out):
     """A local Ray instance of 2 CPUs, whose workers carry the kill plan of ``KILLED`` (sweep ``killed``)."""
     ray = pytest.importorskip("ray")
-    plan = {str(out / "killed" / run): when for run, when in KILLED.items()}
+    plan = {str(out / sweep / run): when for (sweep, run), when in KILLED.items()}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {KILL_ENV: json.dumps(plan)}})
     yield ray
@@ -91,8 +93,8 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes_with_the_same_number
     pruned = ["--seeds", "0,1", "--epochs", 4, "--prune"]
     local = grid(cache, out, "pruned-local", *pruned, "--workers", 1)
     killed = grid(cache, out, "killed", *pruned, "--backend", "ray")
-    for run in KILLED:
-        assert (killed / f"{run}.killed").exists()  # the hook did end a worker for each
+    for sweep, run in KILLED:
+        assert sweep != "killed" or (killed / f"{run}.killed").exists()  # the hook did end a worker for each
     assert numbers(killed) == numbers(local)
     assert any(stopped is not None for *_, stopped in numbers(local).values())  # pruning did stop runs
     assert (killed / "grid.md").read_text() == (local / "grid.md").read_text()
@@ -161,12 +163,13 @@ def test_backend_errors_are_one_line(args, message, cache, tmp_path, monkeypatch
 
 def test_stacked_groups_and_compare_run_as_tasks_with_the_local_numbers(cluster, cache, out):
     """``--stack on``: each stacked group is one task (a list of jobs), its runs' numbers those of the
-    local stacked grid; ``compare`` goes through the same runner."""
-    stacked = ["--seeds", "0,1", "--epochs", 2, "--stack", "on"]
+    local stacked grid, also when the group's worker died after finishing them; ``compare`` goes
+    through the same runner."""
+    stacked = ["--seeds", "0,1", "--epochs", 2, "--stack", "on", "--prune"]  # rung 1, then finishes from checkpoints
     local = grid(cache, out, "stacked-local", *stacked, "--workers", 1)
     remote = grid(cache, out, "stacked-ray", *stacked, "--backend", "ray")
-    assert numbers(remote) == numbers(local)
-    assert {json.loads(p.read_text())["stacked_with"] for p in remote.glob("*/results.json")} == {4}
+    assert numbers(remote) == numbers(local) and (remote / "tau=0.9-seed1.killed").exists()
+    assert {json.loads(p.read_text())["stacked_with"] for p in remote.glob("*/results.json")} == {2}  # the last rung's pairs
     runs = {}
     for name, extra in (("compare-local", ["--workers", 1]), ("compare-ray", ["--backend", "ray"])):
         result = invoke("compare", "--methods", "concat,late", "--seeds", "0,1", "--epochs", 2, "--hidden", 16, "--quiet",

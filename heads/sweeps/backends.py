@@ -146,14 +146,20 @@ def run_task(box: list, job, threads: int):
     import torch
 
     from heads.sweeps import workers
-    from heads.sweeps.jobs import advance
+    from heads.sweeps.jobs import advance, already_done
     from heads.sweeps.stacked import advance_stacked
 
     torch.set_num_threads(threads)
     data = workers.DATA = _data(box)  # what ``jobs.work`` and the local workers read
     stacked = isinstance(job, list)
     jobs = job if stacked else [job]
-    results = advance_stacked(data, jobs) if stacked else [advance(data, job, lambda *_: _kill_once(job, "epoch"))]
+    if stacked:  # a retried group trains only the runs its first attempt did not close (``advance`` checks alone)
+        results = [already_done(data, one) for one in jobs]
+        todo = [one for one, result in zip(jobs, results) if result is None]
+        fresh = iter(advance_stacked(data, todo) if todo else [])
+        results = [next(fresh) if result is None else result for result in results]
+    else:
+        results = [advance(data, job, lambda *_: _kill_once(job, "epoch"))]
     for one, result in zip(jobs, results):
         _kill_once(one, "finished" if "record" in result else "checkpoint")
     return results if stacked else results[0]

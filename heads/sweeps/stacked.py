@@ -45,7 +45,7 @@ from heads.blocks.standardize import materialized
 from heads.methods import method_class
 from heads.methods.base import HeadMethod
 from heads.methods.edm import Started
-from heads.sweeps.jobs import already_done, close_run, open_run
+from heads.sweeps.jobs import close_run, open_run
 from heads.sweeps.stacked_optim import load_optimizer_state, stacked_rates, stacked_step
 from heads.train.config import TrainConfig
 from heads.train.evaluation import Report, model_autocast
@@ -388,13 +388,7 @@ class StackedTrainer:
 
 def advance_stacked(data: HeadData, jobs: list) -> list[dict]:
     """The sweep's ``advance`` for a group of stackable jobs with the same span: open each run, train
-    them stacked to ``until``, then checkpoint or finish each as alone; a retried group trains only
-    the runs its first attempt did not close (``already_done``)."""
-    results = [already_done(data, job) for job in jobs]
-    todo = [k for k, result in enumerate(results) if result is None]
-    if todo:
-        trainers = [open_run(data, jobs[k]) for k in todo]
-        StackedTrainer(trainers).run(jobs[0].until)
-        for k, trainer in zip(todo, trainers):
-            results[k] = close_run(data, jobs[k], trainer)
-    return results
+    them stacked to ``until``, then checkpoint or finish each exactly as alone."""
+    trainers = [open_run(data, job) for job in jobs]
+    StackedTrainer(trainers).run(jobs[0].until)
+    return [close_run(data, job, t) for job, t in zip(jobs, trainers)]
