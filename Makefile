@@ -12,7 +12,7 @@ TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c .ci/constraints
 
 $(STAMP): pyproject.toml .ci/constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_PIN) -e '.[extract,dev,tracking]'
+	$(BIN)/python -m pip install -q $(TORCH_PIN) -e '.[extract,dev,tracking,distributed]'
 	$(BIN)/python -m pip install -q --no-deps openai-whisper
 	touch $(STAMP)
 

@@ -36,6 +36,11 @@ IN_MEMORY = typer.Option("auto", "--in-memory", help="auto (hold the features in
 STREAM_BUFFER = typer.Option(128.0, "--stream-buffer", help="MB of the shuffle buffer when streaming (--in-memory no); memory is about 3 × this (a window in use, one read ahead, one being read). A buffer holding the whole training split shuffles exactly as in memory.")
 LOG_WITH = typer.Option(None, "--log-with", help="Also log to trackers: tensorboard, mlflow, wandb (comma-separated); local and offline unless configured (docs/configs.md); pip install -e '.[tracking]'.")
 LOG_DIR = typer.Option(None, "--log-dir", help="Where the trackers write (default: the run's own folder; for a sweep, the sweep's folder).")
+# Where a sweep's runs train (heads/sweeps/backends.py; docs/grids.md, "Several machines").
+BACKEND = typer.Option("local", "--backend", help="local (this machine's cores, or its GPU) or ray (tasks of a Ray cluster: the same runs, folders and numbers; pip install -e '.[distributed]').")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="With --backend ray: the cluster to join (auto: the one `ray start` runs on this node; or HOST:PORT, ray://HOST:PORT); default: start a Ray instance on this machine.")
+CPUS_PER_RUN = typer.Option(1.0, "--cpus-per-run", help="With --backend ray: CPUs each run asks Ray for (its torch threads); runs at once = the cluster's CPUs / this.")
+GPUS_PER_RUN = typer.Option(0.0, "--gpus-per-run", help="With --backend ray: GPU share each run (or stacked group) asks for, e.g. 1, or 0.25 for four runs per GPU; 0 trains on CPUs.")
 SWEEP_FILE = typer.Option(None, "--config", help="A YAML (or JSON) file of this command's options (docs/configs.md); options typed here replace its keys.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 # train-head's options that are TrainConfig fields of the same name (replace single keys of --config).

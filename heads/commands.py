@@ -17,6 +17,7 @@ import typer
 
 from heads.command_options import (  # noqa: F401  (the shared options, by name)
     CACHE, NONFINITE, JOIN, SWEEP_OVERWRITE, EPOCHS, LR, BATCH, OPTIM, SCHEDULE, STANDARDIZE, HIDDEN, WD, MISS_TRAIN, MISS_TEST, MODALITIES, OUT, QUIET, WORKERS, DEVICE, PRECISION, SHAPLEY, EPOCH_SUBSETS, FEATURE_DTYPE, IN_MEMORY, STREAM_BUFFER, LOG_WITH, LOG_DIR, SWEEP_FILE, EXTRA, TRAIN_KEYS,
+    BACKEND, RAY_ADDRESS, CPUS_PER_RUN, GPUS_PER_RUN,
     epoch_text, split_list,
 )
 
@@ -50,6 +51,13 @@ def _sweep_log(log_with: str | None, log_dir: Path | None):
 
     trackers = parse_log_with(log_with)
     return SweepLog(trackers, log_dir) if trackers else None
+
+
+def _backend(o: SimpleNamespace):
+    """``--backend`` and its Ray options, checked (and Ray's import) before the cache loads."""
+    from heads.sweeps.backends import parse_backend
+
+    return parse_backend(o.backend, o.ray_address, o.cpus_per_run, o.gpus_per_run)
 
 
 def _rerun(ctx: typer.Context, config: Path, values: dict):
@@ -182,6 +190,7 @@ def register(app: typer.Typer, guard) -> None:
         tune: str = typer.Option(None, "--tune", help="Each method at its best validated setting: a grid per method, selected on validation, test of the selected setting only. 'lr' = the method's lr × 0.1, 1, 10; or lr=1e-4,1e-3,epochs=50,100 (x0.1 = a factor of the method's own)."),
         prune: bool = typer.Option(False, "--prune", help="With --tune: successive halving within each method's grid."),
         config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
+        backend: str = BACKEND, ray_address: str = RAY_ADDRESS, cpus_per_run: float = CPUS_PER_RUN, gpus_per_run: float = GPUS_PER_RUN,
     ):
         """Train several methods over several seeds; print and write the paper-style table (mean ± std).
 
@@ -211,7 +220,7 @@ def register(app: typer.Typer, guard) -> None:
         from heads.train.rundir import run_folder, timestamp
 
         o, _ = _with_file(ctx, compare, locals())
-        track = _sweep_log(o.log_with, o.log_dir)
+        track, where = _sweep_log(o.log_with, o.log_dir), _backend(o)
         if o.paper is not None:
             if o.methods:
                 raise OptionError("--paper runs the methods of that paper's table; give --paper or --methods, not both")
@@ -248,10 +257,10 @@ def register(app: typer.Typer, guard) -> None:
         if o.paper is None:
             if o.tune is None:
                 table, results = run_compare(data, specs, seed_list, base, folder, progress=not o.quiet, workers=o.workers,
-                                             overwrite=o.overwrite, track=track)
+                                             overwrite=o.overwrite, track=track, backend=where)
             else:
                 table, results, _ = compare_tune(data, specs, seed_list, base, folder, o.tune, o.prune, progress=not o.quiet,
-                                                 workers=o.workers)
+                                                 workers=o.workers, backend=where)
                 summary += " · each method at its best validated setting (--tune; tuned.json)"
             typer.echo(f"{summary}\n{table.rstrip()}")
             line = summary_line(run_groups(results))
@@ -260,7 +269,7 @@ def register(app: typer.Typer, guard) -> None:
             typer.echo(f"written to {folder}")
             return
         body = compare_paper(data, o.paper, printed, seed_list, base, folder, summary, progress=not o.quiet,
-                             workers=o.workers, echo=typer.echo, overwrite=o.overwrite, track=track)
+                             workers=o.workers, echo=typer.echo, overwrite=o.overwrite, track=track, backend=where)
         typer.echo(body)
         typer.echo(f"written to {folder} (paper.md beside table.md)")
 
@@ -284,6 +293,7 @@ def register(app: typer.Typer, guard) -> None:
         overwrite: bool = SWEEP_OVERWRITE,
         stack: str = typer.Option("auto", "--stack", help="auto (on a GPU, train the configs of a stackable method together as batched tensors), on, or off."),
         config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
+        backend: str = BACKEND, ray_address: str = RAY_ADDRESS, cpus_per_run: float = CPUS_PER_RUN, gpus_per_run: float = GPUS_PER_RUN,
     ):
         """Tune a method over seeds and select on validation; axes follow as --name values.
 
@@ -309,7 +319,7 @@ def register(app: typer.Typer, guard) -> None:
         axes = {**parse_axis_args(o.method, words), **parse_axis_args(o.method, list(ctx.args))}
         seed_list = parse_seeds(o.seeds)
         check_size(axes, seed_list, o.protocol, o.yes)  # before the cache loads
-        track = _sweep_log(o.log_with, o.log_dir)
+        track, where = _sweep_log(o.log_with, o.log_dir), _backend(o)
         # Settings that are not axes keep the defaults of train-head, read from the shared options.
         base = config_from_options(o.method, o.epochs, 0, None, None, None, HIDDEN.default, None, 0.0, 0.0,
                                    device=o.device, precision=o.precision, epoch_subsets=o.epoch_subsets,
@@ -319,7 +329,7 @@ def register(app: typer.Typer, guard) -> None:
                               o.in_memory, o.stream_buffer)
         outcome = run_grid(data, o.method, axes, seed_list, base, folder, o.prune, o.protocol, o.workers,
                            progress=not o.quiet, yes=o.yes, keep_models=o.keep_models, stack=o.stack,
-                           overwrite=o.overwrite, track=track)
+                           overwrite=o.overwrite, track=track, backend=where)
         sel = outcome.selection
         typer.echo((folder / "grid.md").read_text().rstrip())
         typer.echo(f"selected on validation: {sel.config} · val {sel.val_mean:.2f} ± {sel.val_std:.2f} · "
@@ -345,6 +355,7 @@ def register(app: typer.Typer, guard) -> None:
         device: str = DEVICE, precision: str = PRECISION, shapley_permutations: int = SHAPLEY, feature_dtype: str = FEATURE_DTYPE, in_memory: str = IN_MEMORY, stream_buffer: float = STREAM_BUFFER,
         overwrite: bool = SWEEP_OVERWRITE,
         config: Path = SWEEP_FILE, log_with: str = LOG_WITH, log_dir: Path = LOG_DIR,
+        backend: str = BACKEND, ray_address: str = RAY_ADDRESS, cpus_per_run: float = CPUS_PER_RUN, gpus_per_run: float = GPUS_PER_RUN,
     ):
         """Test accuracy of methods as modalities go missing, under the MLA and the EDM-paper protocols.
 
@@ -361,7 +372,7 @@ def register(app: typer.Typer, guard) -> None:
         labels = split_specs(o.methods)
         names = [parse_method_spec(label)[0] for label in labels]  # every spec is checked before the cache loads
         rates, protocols, seed_list = parse_rates(o.missing), parse_protocols(o.protocol), parse_seeds(o.seeds)
-        track = _sweep_log(o.log_with, o.log_dir)
+        track, where = _sweep_log(o.log_with, o.log_dir), _backend(o)
         base = config_from_options(names[0], o.epochs, 0, o.lr, o.batch_size, o.optimizer, o.hidden, o.weight_decay,
                                    0.0, 0.0, schedule=o.schedule, standardize=o.standardize, device=o.device,
                                    precision=o.precision, shapley_permutations=o.shapley_permutations)
@@ -369,7 +380,7 @@ def register(app: typer.Typer, guard) -> None:
         data = load_head_data(resolve_caches(o.cache), split_list(o.modalities), o.allow_nonfinite, o.join, o.feature_dtype,
                               o.in_memory, o.stream_buffer)
         run_robustness(data, labels, rates, seed_list, protocols, base, folder, o.workers, progress=not o.quiet,
-                       overwrite=o.overwrite, track=track)
+                       overwrite=o.overwrite, track=track, backend=where)
         typer.echo(f"test split of {data.meta['dataset']} · {len(seed_list)} seed(s) · {epoch_text(o.epochs)} · selection on validation")
         typer.echo((folder / "robustness.md").read_text().rstrip())
         typer.echo(f"written to {folder} (robustness.json, .parquet, .csv, .md, .png)")

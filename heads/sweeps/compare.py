@@ -17,6 +17,7 @@ from heads.methods import METHODS
 from heads.reports import papers
 from heads.reports.convergence import summary_line
 from heads.reports.tables import paper_report, results_table, run_groups
+from heads.sweeps.backends import LOCAL, Backend
 from heads.sweeps.grid import TIE_RULE, run_grid
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
@@ -28,11 +29,12 @@ from heads.train.config import TrainConfig
 
 def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
             progress: bool = True, workers: int = 0, overwrite: bool = False,
-            track: SweepLog | None = None) -> tuple[str, list[dict]]:
+            track: SweepLog | None = None, backend: Backend = LOCAL) -> tuple[str, list[dict]]:
     """Fit every method spec with every seed; write each run, the results CSV and the table.
 
     The runs go through the grid's sweep runner: one worker process per core (``workers``; 1 trains
-    here), the cache loaded once, and a rerun of the same command skips the runs already finished.
+    here), the cache loaded once, and a rerun of the same command skips the runs already finished;
+    ``backend`` sends them to a Ray cluster instead (``heads/sweeps/backends.py``).
     """
     runs = []
     for spec in specs:
@@ -40,7 +42,8 @@ def compare(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfi
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         runs += [RunSpec(f"{slug}-seed{seed}", slug, replace(base, method=name, seed=seed, options=options),
                          {"label": spec}) for seed in seeds]
-    results = run_sweep(data, runs, out, workers, progress=progress, label="compare", overwrite=overwrite, track=track)
+    results = run_sweep(data, runs, out, workers, progress=progress, label="compare", overwrite=overwrite, track=track,
+                        backend=backend)
     return write_outputs(results, data, out), results
 
 
@@ -59,10 +62,11 @@ def write_outputs(results: list[dict], data: HeadData, out: Path) -> str:
 
 
 def compare_tune(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path, tune: str,
-                 prune: bool = False, progress: bool = True, workers: int = 0) -> tuple[str, list[dict], dict]:
+                 prune: bool = False, progress: bool = True, workers: int = 0,
+                 backend: Backend = LOCAL) -> tuple[str, list[dict], dict]:
     """``compare --tune``: each spec at its best validated setting (``heads/sweeps/tune.py``); the table
     holds the selected settings' runs only, and ``tuned.json`` every spec's grid and selection."""
-    results, selections = compare_tuned(data, specs, seeds, base, out, parse_tune(tune), prune, progress, workers)
+    results, selections = compare_tuned(data, specs, seeds, base, out, parse_tune(tune), prune, progress, workers, backend)
     (out / "tuned.json").write_text(json.dumps({"tune": tune, "tie_rule": TIE_RULE, "selected": selections}, indent=2))
     return write_outputs(results, data, out), results, selections
 
@@ -78,7 +82,7 @@ def paper_table(paper: str) -> tuple[dict, str]:
 
 def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], base: TrainConfig, out: Path,
                   summary: str, progress: bool = True, workers: int = 0, echo=print, overwrite: bool = False,
-                  track: SweepLog | None = None) -> str:
+                  track: SweepLog | None = None, backend: Backend = LOCAL) -> str:
     """The rows of ``paper``'s table that we implement, each with its paper's settings, and the paper's
     number for the cache's dataset beside ours. ``echo`` shows the plan before training starts; the
     report (returned) is also written to ``out/paper.md``."""
@@ -89,11 +93,12 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
     selected = []
     for i, row in enumerate(rows):
         if row.spec and row.row.get("select_by"):
-            rows[i], line = select_staged(data, row, seeds, base, out, progress, workers)
+            rows[i], line = select_staged(data, row, seeds, base, out, progress, workers, backend)
             selected.append(line)
             echo(line)
     specs = list(dict.fromkeys(r.spec for r in rows if r.spec))
-    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers, overwrite=overwrite, track=track)
+    _, results = compare(data, specs, seeds, base, out, progress=progress, workers=workers, overwrite=overwrite, track=track,
+                         backend=backend)
     body = "\n".join([f"{summary}\n{paper_report(printed, rows, columns, results, data)}".rstrip(), *selected])
     line = summary_line(run_groups(results))
     body += f"\n{line}" if line else ""
@@ -102,13 +107,13 @@ def compare_paper(data: HeadData, paper: str, printed: dict, seeds: list[int], b
 
 
 def select_staged(data: HeadData, row: papers.PaperRow, seeds: list[int], base: TrainConfig, out: Path,
-                  progress: bool = True, workers: int = 0) -> tuple[papers.PaperRow, str]:
+                  progress: bool = True, workers: int = 0, backend: Backend = LOCAL) -> tuple[papers.PaperRow, str]:
     """A row whose paper selected its options on validation (``select_by``: CCAT's r, then β): run that
     staged grid into ``out/grid-<method>`` and return the row with the selected options, and one line
     saying what was selected and which fraction of training samples the secondary update touched."""
     method = row.row["ours"]
     grid = run_grid(data, method, {}, seeds, replace(base, method=method), out / f"grid-{method}", protocol=row.row["select_by"],
-                    workers=workers, progress=progress, yes=True)
+                    workers=workers, progress=progress, yes=True, backend=backend)
     values = grid.selection.values
     chosen = replace(row, spec=f"{method}[{';'.join(f'{k}={v}' for k, v in values.items())}]")
     runs = [r["run"] for r in grid.records if r.get("stage") == 2 and r["label"] == grid.selection.config]

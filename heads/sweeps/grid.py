@@ -25,6 +25,7 @@ from heads.errors import OptionError
 from heads.reports import figures
 from heads.reports.tables import grid_markdown
 from heads.sweeps.axes import CCAT_DEFAULTS, CCAT_STAGES, axis_kinds, check_size, expand, validate_axes
+from heads.sweeps.backends import LOCAL, Backend
 from heads.sweeps.jobs import identity
 from heads.sweeps.sweep import run_sweep
 from heads.sweeps.tracking import SweepLog
@@ -136,7 +137,7 @@ class GridOutcome:
 def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int], base: TrainConfig, folder: Path,
              prune: bool = False, protocol: str = "joint", workers: int = 0, progress: bool = True,
              yes: bool = False, keep_models: bool = False, stack: str = "auto", overwrite: bool = False,
-             track: SweepLog | None = None) -> GridOutcome:
+             track: SweepLog | None = None, backend: Backend = LOCAL) -> GridOutcome:
     """Run the grid (joint: the full product; ``ccat``: rank first, then β at the best rank), select on
     validation, and write ``grid.json``, ``grid.parquet``/``grid.csv``, ``grid.md`` and ``grid.png``.
 
@@ -144,6 +145,7 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     their ``model.pt`` unless ``keep_models`` (a model is as large as its projections: 291 MB per run
     for the CCAT protocol on Ola-7B features); the other runs keep everything else, and resuming
     recognises a finished run by its ``results.json`` and ``config.json``, not by its model.
+    ``backend``: where the runs train (``heads/sweeps/backends.py``; the same runs and numbers).
     """
     start = time.perf_counter()
     if protocol not in ("joint", "ccat"):
@@ -152,9 +154,10 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
     if protocol == "joint":
         validate_axes(method, axes, base, data)
         records = run_sweep(data, expand(method, axes, base, seeds), folder, workers, prune, progress, stack=stack,
-                            overwrite=overwrite, track=track)
+                            overwrite=overwrite, track=track, backend=backend)
     else:
-        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress, stack, overwrite, track)
+        records = _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress, stack, overwrite, track,
+                              backend)
     selection = select(records if protocol == "joint" else [r for r in records if r["stage"] == 2])
     seconds = time.perf_counter() - start
     write_table(grid_rows(records, data.spec.modalities, selection.config), folder / "grid")
@@ -174,7 +177,7 @@ def run_grid(data: HeadData, method: str, axes: dict[str, list], seeds: list[int
 
 
 def _run_staged(data, method, axes, seeds, base, folder, prune, workers, progress, stack="auto",
-                overwrite=False, track=None) -> list[dict]:
+                overwrite=False, track=None, backend=LOCAL) -> list[dict]:
     """CCAT's protocol: sweep ``rank`` with β fixed, then ``beta`` at the rank validation picked."""
     if not set(CCAT_STAGES) <= set(axis_kinds(method)):
         raise OptionError(f"--protocol ccat tunes --rank then --beta, which method {method!r} does not have; use --method ccat")
@@ -187,11 +190,11 @@ def _run_staged(data, method, axes, seeds, base, folder, prune, workers, progres
     records = []
     first = {**fixed, "rank": values["rank"], "beta": [beta_default]}
     stage1 = run_sweep(data, expand(method, first, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress,
-                       stack=stack, overwrite=overwrite, track=track)
+                       stack=stack, overwrite=overwrite, track=track, backend=backend)
     best_rank = select(stage1).values["rank"]
     second = {**fixed, "rank": [best_rank], "beta": values["beta"]}
     stage2 = run_sweep(data, expand(method, second, base, seeds, list(CCAT_STAGES)), folder, workers, prune, progress,
-                       stack=stack, overwrite=overwrite, track=track)
+                       stack=stack, overwrite=overwrite, track=track, backend=backend)
     for stage, recs in ((1, stage1), (2, stage2)):
         records += [{**r, "stage": stage} for r in recs]
     return records

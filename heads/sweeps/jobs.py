@@ -5,6 +5,7 @@ stacked trainer all carry them out through ``open_run`` and ``close_run``.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -85,8 +86,54 @@ def _mask_summary(trainer: Trainer, data: HeadData) -> dict:
     return {split: _realised(getattr(data, split), getattr(trainer, split)) for split in ("train", "val", "test")}
 
 
+def stored_identity(run: Path) -> dict:
+    """The resolved config a finished run folder was trained with, as ``identity`` writes it."""
+    config = json.loads((run / "config.json").read_text())
+    return {"train": {k: v for k, v in config["train"].items() if k not in ("threads", "device")},
+            "caches": config["data"]["caches"]}
+
+
+def csv_column(path: Path, column: str) -> list[float]:
+    with open(path, newline="") as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+def already_done(data: HeadData, job: Job) -> dict | None:
+    """The job's result when an earlier attempt of it wrote its output and then died before handing
+    it back (a Ray task retried after its worker was lost), else None.
+
+    A retry starts at ``job.start`` like the first attempt, but the first may have gone on to move
+    the run's checkpoint (one path for every epoch) to ``job.until``, or to finish the run folder and
+    delete the checkpoint: training again from ``job.start`` would then read the wrong checkpoint or
+    none. What the first attempt wrote is what this job produces (training is a function of the
+    config and seed), so it is returned as is. A sweep never plans a job whose output is already
+    there (``sweep._State``), so on a first attempt this is always None.
+    """
+    folder, name = Path(job.folder), job.spec.name
+    if not job.finish:
+        ckpt, sidecar = checkpoint_paths(folder, name)
+        if ckpt.exists() and sidecar.exists():
+            info = json.loads(sidecar.read_text())
+            if info["epoch"] == job.until and info["identity"] == identity(job.spec.cfg, data):
+                return {"epoch": info["epoch"], "val_acc": info["val_acc"]}
+        return None
+    run = folder / name
+    if not ((run / "results.json").exists() and (run / "config.json").exists()):
+        return None
+    record = json.loads((run / "results.json").read_text())
+    reached = record.get("stopped_at") if record.get("stopped_at") is not None else job.spec.cfg.epochs
+    if reached != min(job.until, job.spec.cfg.epochs) or record.get("milestones") != job.milestones:
+        return None  # a run of another pruning plan, which this job replaces
+    if stored_identity(run) != identity(job.spec.cfg, data):
+        return None  # another config under the same name (--overwrite), which this job replaces
+    return {"epoch": reached, "val_acc": csv_column(run / "epochs.csv", "val_acc"), "record": record}
+
+
 def advance(data: HeadData, job: Job, on_epoch=None) -> dict:
     """Train one run from its checkpoint (or from scratch) to ``job.until``; then checkpoint or finish."""
+    done = already_done(data, job)
+    if done is not None:
+        return done
     trainer = open_run(data, job)
     trainer.run(job.until, on_epoch)
     return close_run(data, job, trainer)

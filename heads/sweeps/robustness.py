@@ -23,6 +23,7 @@ from heads.blocks.data import HeadData
 from heads.errors import OptionError
 from heads.reports import figures
 from heads.reports.tables import robustness_markdown
+from heads.sweeps.backends import LOCAL, Backend
 from heads.sweeps.grid import write_table
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
@@ -110,14 +111,15 @@ def robustness_summary(rows: list[dict]) -> list[dict]:
 
 def run_robustness(data: HeadData, labels: list[str], rates: list[float], seeds: list[int], protocols: list[str],
                    base: TrainConfig, folder: Path, workers: int = 0, progress: bool = True,
-                   overwrite: bool = False, track: SweepLog | None = None) -> list[dict]:
+                   overwrite: bool = False, track: SweepLog | None = None, backend: Backend = LOCAL) -> list[dict]:
     """Run (or resume) the sweep; write ``robustness.json``, ``.parquet``/``.csv``, ``.md`` and ``.png``.
 
     Returns the summary rows (mean ± std per protocol, method and rate).
     """
     start = time.perf_counter()
     specs = robustness_specs(labels, rates, seeds, protocols, base)
-    records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness", overwrite=overwrite, track=track)
+    records = run_sweep(data, specs, folder, workers, progress=progress, label="robustness", overwrite=overwrite, track=track,
+                        backend=backend)
     rows = robustness_rows(records, rates, protocols, data.spec.modalities)
     summary = robustness_summary(rows)
     write_table(rows, folder / "robustness")

@@ -26,7 +26,6 @@ the same resolved config (and continues unfinished ones from their checkpoints).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import shutil
@@ -40,7 +39,10 @@ from heads.blocks.data import HeadData
 from heads.blocks.device import resolve_device
 from heads.blocks.progress import Progress
 from heads.errors import OptionError
-from heads.sweeps.jobs import Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, work
+from heads.sweeps.backends import LOCAL, Backend, RayRunner
+from heads.sweeps.jobs import (Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, stored_identity,
+                              work)
+from heads.sweeps.jobs import csv_column as _csv_column  # the name tests/test_grid.py reads curves with
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
 from heads.sweeps.tracking import SweepLog
 from heads.sweeps.workers import Workers, default_workers
@@ -92,9 +94,15 @@ class _InProcess:
         pass
 
 
+def _span(job: Job | list[Job]) -> int:
+    """Epochs a job trains; a stacked group (a list, one task on Ray) trains each of its runs's."""
+    return sum(j.until - j.start for j in job) if isinstance(job, list) else job.until - job.start
+
+
 def _run_chains(runner, chains: list[list[Job]], slots: int, progress) -> dict[str, dict]:
-    """Run each chain's jobs in order, up to ``slots`` jobs at a time, longest remaining chain first."""
-    left = [sum(j.until - j.start for j in chain) for chain in chains]
+    """Run each chain's jobs in order, up to ``slots`` jobs at a time, longest remaining chain first.
+    A chain's element may be a stacked group of jobs (a list), whose results come back together."""
+    left = [sum(_span(j) for j in chain) for chain in chains]
     position, busy, results = [0] * len(chains), set(), {}
     while busy or any(position[i] < len(c) for i, c in enumerate(chains)):
         while len(busy) < slots:
@@ -108,8 +116,11 @@ def _run_chains(runner, chains: list[list[Job]], slots: int, progress) -> dict[s
         job = chains[i][position[i]]
         busy.discard(i)
         position[i] += 1
-        left[i] -= job.until - job.start
-        results[job.spec.name] = result
+        left[i] -= _span(job)
+        if isinstance(job, list):
+            results.update({j.spec.name: r for j, r in zip(job, result)})
+        else:
+            results[job.spec.name] = result
         progress(job)
     return results
 
@@ -143,9 +154,7 @@ class _State:
             wanted = identity(spec.cfg, data)
             run, (ckpt, sidecar) = folder / spec.name, checkpoint_paths(folder, spec.name)
             if (run / "results.json").exists() and (run / "config.json").exists():
-                config = json.loads((run / "config.json").read_text())
-                stored = {"train": {k: v for k, v in config["train"].items() if k not in ("threads", "device")},
-                          "caches": config["data"]["caches"]}
+                stored = stored_identity(run)
                 if stored == wanted:
                     self.finished[spec.name] = json.loads((run / "results.json").read_text())
                     self.curve[spec.name] = _csv_column(run / "epochs.csv", "val_acc")
@@ -192,17 +201,12 @@ class _State:
             self.epoch[name] = result["epoch"]
 
 
-def _csv_column(path: Path, column: str) -> list[float]:
-    with open(path, newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f)]
-
-
 STACK_MODES = ("auto", "on", "off")
 
 
 def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int = 0, prune: bool = False,
               progress: bool = True, label: str = "grid", stack: str = "auto", overwrite: bool = False,
-              track: SweepLog | None = None) -> list[dict]:
+              track: SweepLog | None = None, backend: Backend = LOCAL) -> list[dict]:
     """Run (or resume) every spec into ``folder``; return their results records in spec order.
 
     ``workers``: processes with one thread each (0 = one per core); 1 runs in this process.
@@ -215,6 +219,8 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     ``overwrite``: retrain runs the folder holds under the same name with another config (else refused).
     The folder is claimed for the sweep (``cache.replace.claim``): a second sweep into it gets one line.
     ``track``: log each run to the trackers when it finishes (``heads/sweeps/tracking.py``).
+    ``backend``: where jobs run (``heads/sweeps/backends.py``): ``LOCAL``, or Ray tasks, as many at once
+    as the cluster's resources allow (``workers`` is then ignored), with the same plan and folders.
 
     Everything that can be checked without training is checked before ``folder`` is made, and a
     folder this call made is removed again if it is still empty when the sweep fails or is stopped:
@@ -238,7 +244,7 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with claim(folder, "--name"):
-            return _sweep(data, specs, folder, workers, prune, progress, label, stack, overwrite, track)
+            return _sweep(data, specs, folder, workers, prune, progress, label, stack, overwrite, track, backend)
     except BaseException:
         for path in made:
             if path.is_dir() and not any(path.iterdir()):
@@ -248,9 +254,15 @@ def run_sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int =
 
 def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, prune: bool, progress: bool,
            label: str, stack: str = "auto", overwrite: bool = False,
-           track: SweepLog | None = None) -> list[dict]:
-    on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
-    if on_gpu:
+           track: SweepLog | None = None, backend: Backend = LOCAL) -> list[dict]:
+    ray = backend.distributed
+    if ray:  # a task's device is the GPU share Ray gives it (none without --gpus-per-run), not this process's
+        on_gpu = backend.gpus_per_run > 0
+        if not on_gpu and any(str(s.cfg.device).startswith("cuda") for s in specs):
+            raise OptionError("--device cuda with --backend ray needs --gpus-per-run (e.g. 1, or 0.25: four runs per GPU)")
+    else:
+        on_gpu = any(resolve_device(s.cfg.device).type == "cuda" for s in specs)
+    if on_gpu and not ray:
         workers = 1  # one process owns the device; stacking is how a GPU sweep runs runs in parallel
     streamed = bool(data.meta.get("streamed"))  # stacked runs gather whole tensors, which streaming does not hold
     if streamed and stack == "on":
@@ -276,11 +288,14 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
     with Progress(label, enabled=progress) as bar:
 
         def tick(job: Job) -> None:
-            if workers > 1:
-                bar.update(advance=job.until - job.start)
+            if workers > 1 or ray:
+                bar.update(advance=_span(job))
 
-        runner = _InProcess(data, lambda *_: bar.update(advance=1)) if workers == 1 else None
+        runner = _InProcess(data, lambda *_: bar.update(advance=1)) if workers == 1 and not ray else None
         try:
+            if ray:
+                runner = RayRunner(data, backend)
+                workers = min(runner.slots, len(specs))
             alive, dropped = list(groups), []  # dropped: (spec, the epoch it stops at)
             for milestone in (milestones or [total]):
                 final = milestone == total or len(alive) == 1
@@ -302,6 +317,8 @@ def _sweep(data: HeadData, specs: list[RunSpec], folder: Path, workers: int, pru
                 bar.update(total=sum(j.until - j.start for c in chains + stacks for j in c), completed=0,
                            description=f"{label if not prune else f'{label} rung ≤ epoch {target}'}: "
                                        f"{len(plan) + len(together)} run(s)")
+                if ray:  # each stacked group is one task, beside the other chains
+                    chains, stacks = chains + [[jobs] for jobs in stacks], []
                 for jobs in stacks:
                     for job, result in zip(jobs, advance_stacked(data, jobs)):
                         update(job.spec.name, result)

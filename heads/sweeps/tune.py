@@ -18,6 +18,7 @@ from pathlib import Path
 from heads.blocks.data import HeadData
 from heads.errors import OptionError
 from heads.sweeps.axes import CORE_AXES, config_slug, expand, parse_values
+from heads.sweeps.backends import LOCAL, Backend
 from heads.sweeps.grid import select
 from heads.sweeps.jobs import RunSpec
 from heads.sweeps.specs import parse_method_spec
@@ -127,7 +128,7 @@ def _shown(value) -> str:
 
 def compare_tuned(data: HeadData, specs: list[str], seeds: list[int], base: TrainConfig, out: Path,
                   tune: dict[str, list[str]], prune: bool = False, progress: bool = True,
-                  workers: int = 0) -> tuple[list[dict], dict[str, dict]]:
+                  workers: int = 0, backend: Backend = LOCAL) -> tuple[list[dict], dict[str, dict]]:
     """Every spec's grid over ``seeds`` in ``out``, one selection per spec on validation.
 
     Returns the selected setting's runs (labelled with the spec, "trained with" extended by the
@@ -140,10 +141,10 @@ def compare_tuned(data: HeadData, specs: list[str], seeds: list[int], base: Trai
     grids = {spec: tuned_runs(spec, tune_axes(parse_method_spec(spec)[0], tune, base), base, seeds) for spec in specs}
     if prune:
         records = [r for spec, runs in grids.items() for r in run_sweep(data, runs, out, workers, True, progress,
-                                                                        label=f"tune {spec}")]
+                                                                        label=f"tune {spec}", backend=backend)]
     else:
         records = run_sweep(data, [r for runs in grids.values() for r in runs], out, workers, False, progress,
-                            label="compare --tune")
+                            label="compare --tune", backend=backend)
     chosen, selections = [], {}
     for spec, runs in grids.items():
         names = {r.name for r in runs}
