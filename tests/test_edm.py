@@ -317,6 +317,16 @@ def test_subset_logits_equal_each_subsets_own_pass_and_share_prefixes(options):
         assert len(steps) == 15 and steps[:3] == ["c", "a", "a"]  # the tree grows in the chain's order
         for i, s in enumerate(subsets):
             assert torch.equal(shared[i], model.logits(b.only(s))), sorted(s)
+    # A modality nobody in the batch has is passed by: every subset equals its own pass, with no step for d.
+    gone = dataclasses.replace(b, present={**b.present, "d": torch.zeros(9, dtype=torch.bool)},
+                               x={**b.x, "d": torch.zeros_like(b.x["d"])}, counts=None)
+    gone.tokens = {m: t[:, None] for m, t in gone.x.items()}
+    steps.clear()
+    with torch.no_grad():
+        shared = model.subset_logits(gone, subsets)
+        assert "d" not in steps and len(steps) == 7  # the tree of c, a, b
+        for i, s in enumerate(subsets):
+            assert torch.equal(shared[i], model.logits(gone.only(s))), sorted(s)
     # A wanted subset list with gaps grows only the prefixes it needs: {b} alone is one step.
     steps.clear()
     with torch.no_grad():

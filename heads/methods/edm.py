@@ -218,13 +218,15 @@ class EDM(HeadMethod):
         for m in self.order:
             seen.add(m)
             needed = {s & seen for s in wanted}  # the prefixes some wanted subset passes through
-            grown = {}
+            grown, stepped = {}, {}  # stepped: one step per distinct state (prefixes that passed a modality by share one)
             for prefix, state in nodes.items():
                 if prefix in needed:
                     grown[prefix] = state
                 if prefix | {m} in needed:
                     if batch.has(m):
-                        grown[prefix | {m}] = self.chain_step(m, batch, *state)
+                        if id(state) not in stepped:
+                            stepped[id(state)] = self.chain_step(m, batch, *state)
+                        grown[prefix | {m}] = stepped[id(state)]
                     else:  # nobody has m: the chain passes it by, as ``logits`` does
                         grown[prefix | {m}] = state
             nodes = grown
