@@ -25,7 +25,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from heads.errors import OptionError
+from heads.sweeps import workers
+from heads.sweeps.jobs import advance, already_done
+from heads.sweeps.stacked import advance_stacked
 
 BACKENDS = ("local", "ray")
 RETRIES = 3  # attempts after the first when a task's worker process dies (Ray's max_retries)
@@ -143,12 +148,6 @@ def _kill_once(job, when: str) -> None:
 
 def run_task(box: list, job, threads: int):
     """One task: a job (``jobs.advance``) or a stacked group of jobs (``stacked.advance_stacked``)."""
-    import torch
-
-    from heads.sweeps import workers
-    from heads.sweeps.jobs import advance, already_done
-    from heads.sweeps.stacked import advance_stacked
-
     torch.set_num_threads(threads)
     data = workers.DATA = _data(box)  # what ``jobs.work`` and the local workers read
     stacked = isinstance(job, list)

@@ -75,8 +75,7 @@ def can_stack(cfg: TrainConfig) -> bool:
 
 
 class _Call(nn.Module):
-    """``forward(name, *args)`` = ``method.<name>(*args)``, so ``functional_call`` can run any of a
-    method's functions on stacked parameters."""
+    """``forward(name, *args)`` = ``method.<name>(*args)``: ``functional_call`` runs any method function stacked."""
 
     def __init__(self, method: nn.Module):
         super().__init__()
@@ -303,15 +302,15 @@ class StackedTrainer:
             self._write_back()
             return [t._epoch_report() for t in self.trainers]
 
-        def logits_of(params, buffers, x, tokens, present, y, rows, counts):
-            return functional_call(self.call, (params, buffers), ("logits", Batch(x, tokens, present, y, counts, rows)))
-
         # A batch-dependent method's own scoring of every subset of a batch (edm's prefix tree), vmapped.
-        shared = None if getattr(self.template, "batch_independent", True) else getattr(self.template, "subset_logits", None)
+        tree = not getattr(self.template, "batch_independent", True) and hasattr(self.template, "subset_logits")
 
-        def subset_logits_of(params, buffers, x, tokens, present, y, rows, counts):
+        def logits_of(params, buffers, x, tokens, present, y, rows, counts):
             batch = Batch(x, tokens, present, y, counts, rows)
-            return functional_call(self.call, (params, buffers), ("subset_logits", batch, wanted))
+            return functional_call(self.call, (params, buffers), ("subset_logits", batch, wanted) if tree else ("logits", batch))
+
+        def fields(b: Batch) -> tuple:
+            return b.x, b.tokens, b.present, b.y, b.index, b.counts
 
         n = len(self.val[0])
         size = self.trainers[0].eval_batch_size if not getattr(self.template, "batch_independent", True) \
@@ -333,17 +332,10 @@ class StackedTrainer:
                     counts = self._counts([self.val[k]._counts(rows_host[i], rows_host.shape[1])
                                            for i, k in enumerate(runs)], rows_host.shape[1])
                     whole = Batch(inputs["x"], inputs["tokens"], inputs["present"], inputs["y"], counts, inputs["index"])
-                    every = None
-                    if shared is not None:  # [runs, subsets, rows, classes] in one vmapped call
-                        every = vmap(subset_logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
-                            params, buffers, whole.x, whole.tokens, whole.present, whole.y, whole.index, whole.counts)
+                    batched = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))
+                    every = batched(params, buffers, *fields(whole)) if tree else None  # [runs, subsets, rows, C]
                     for i, subset in enumerate(wanted):
-                        if every is not None:
-                            logits = every[:, i]
-                        else:
-                            part = whole.only(subset)
-                            logits = vmap(logits_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None))(
-                                params, buffers, part.x, part.tokens, part.present, part.y, part.index, part.counts)
+                        logits = every[:, i] if tree else batched(params, buffers, *fields(whole.only(subset)))
                         preds[subset][pick[:, None], rows] = logits.argmax(-1)
                         if subset == full:
                             loss[pick] += nn.functional.cross_entropy(
