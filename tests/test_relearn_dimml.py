@@ -161,6 +161,8 @@ def test_relearn_trains_on_the_training_split_minus_its_held_out_rows():
 def test_relearn_min_max_scaling_and_kmeans():
     x = torch.tensor([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
     torch.testing.assert_close(min_max_scaled(x), torch.tensor([[-1.0, -1.0], [0.0, -1.0], [1.0, -1.0]]))
+    # a column that does not start at 0, with a span below 1: (x − min) / (max − min) · 2 − 1
+    torch.testing.assert_close(min_max_scaled(torch.tensor([[1.0], [1.25], [1.5]])), torch.tensor([[-1.0], [0.0], [1.0]]))
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     truth = torch.arange(30) % 3
@@ -186,6 +188,24 @@ def test_relearn_lloyd_iterations_move_a_poor_seeding_to_the_clusters(monkeypatc
     monkeypatch.setattr(torch, "rand", lambda *a, **k: next(draws))
     labels = kmeans(line, 2, torch.Generator())
     assert labels.tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
+
+
+@fast
+def test_relearn_kmeans_plus_plus_draws_each_centre_by_its_squared_distance(monkeypatch):
+    """k-means++ by hand, one Lloyd assignment (iterations 1, so the labels show the seeds): first centre 0;
+    with D² = [0, 1, 1] the draw u·ΣD² = 0.5 · 2 = 1 lands on the first cumulative sum above it (right=True):
+    row 2; then D² is the minimum over both centres, so the third centre of the four points is row 2 again."""
+    def seeded(points, k, draws):
+        it = iter(draws)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "randint", lambda *a, **k: next(it))
+            patch.setattr(torch, "rand", lambda *a, **k: next(it))
+            return kmeans(torch.tensor(points).unsqueeze(1), k, torch.Generator(), 1).tolist()
+
+    assert seeded([0.0, 1.0, -1.0], 2, [torch.tensor([0]), torch.tensor(0.5)]) == [0, 0, 1]  # centres 0, −1
+    # D² = [0, 1, 1, 100]: u = 0.5 → 51 → row 3 (point 10); D² ← min(D², (x − 10)²) = [0, 1, 1, 0]:
+    # u = 0.75 → 1.5 → row 2 (point −1). Centres [0, 10, −1].
+    assert seeded([0.0, 1.0, -1.0, 10.0], 3, [torch.tensor([0]), torch.tensor(0.5), torch.tensor(0.75)]) == [0, 0, 2, 1]
 
 
 @fast
@@ -240,6 +260,9 @@ def test_relearn_diagnoses_only_the_rows_that_have_the_modality():
     assert len(h) == 15 and y.tolist() == trainer.ready["train"].y[1::2].tolist()
     nobody = Trainer(data_of(absent={"v": list(range(30))}), cfg_of("relearn", options={"diagnose_split": "val"}))
     assert nobody.model.diagnose()["v"] == 0.0  # nobody has v in train: no reset of v
+    no_a = Trainer(data_of(absent={"a": list(range(30))}), cfg_of("relearn", options={"diagnose_split": "val"})).model
+    alphas = no_a.diagnose()  # the first modality without rows: a gets 0, v is still diagnosed
+    assert alphas["a"] == 0.0 and set(alphas) == {"a", "v"} and "relearn_purity_train_v" in no_a.last
 
 
 # === dimml (§14) ==================================================================================
