@@ -149,11 +149,13 @@ def test_relearn_trains_on_the_training_split_minus_its_held_out_rows():
     assert split.index.tolist() == kept.tolist() and model.parts()["held"].index.tolist() == held.tolist()
     seen = torch.cat([b.index for b in split.batches(6, torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == kept.tolist()
+    assert model.parts()["held"] is model.parts()["held"]  # cut once per attach, not at every call
     val = Trainer(data_of(), cfg_of("relearn", options={"diagnose_split": "val"}))
     assert val.model.epoch_split(1, val.ready["train"]) is val.ready["train"]
     assert val.model.diagnosis_splits() == (val.ready["train"], val.ready["val"])
     tiny = Trainer(data_of(), cfg_of("relearn", options={"holdout": 0.01}))
-    with pytest.raises(OptionError, match="--holdout 0.01 holds out no row"):
+    with pytest.raises(OptionError, match="--holdout 0.01 holds out no row of a training split of 30: give a larger "
+                                          "--holdout or --diagnose-split val"):
         tiny.run(1)
 
 
@@ -206,6 +208,21 @@ def test_relearn_kmeans_plus_plus_draws_each_centre_by_its_squared_distance(monk
     # D² = [0, 1, 1, 100]: u = 0.5 → 51 → row 3 (point 10); D² ← min(D², (x − 10)²) = [0, 1, 1, 0]:
     # u = 0.75 → 1.5 → row 2 (point −1). Centres [0, 10, −1].
     assert seeded([0.0, 1.0, -1.0, 10.0], 3, [torch.tensor([0]), torch.tensor(0.5), torch.tensor(0.75)]) == [0, 0, 2, 1]
+
+
+@fast
+def test_relearn_kmeans_ends_on_the_means_of_its_clusters_and_keeps_an_empty_ones_centre():
+    """Lloyd's fixed point: every row is nearest to the mean of its own cluster (a singleton's centre is its
+    row, not a kept older centre or half of it). Two distinct points, k = 3: the third seed repeats a point,
+    its cluster stays empty (bincount to k) and the labels are those of the two."""
+    x = torch.tensor([[5.3, 4.6], [1.2, 1.7], [1.7, 4.2], [0.5, 3.1], [0.1, 2.8], [2.6, 0.3], [0.5, 5.2], [3.5, 1.4]])
+    labels = kmeans(x, 4, torch.Generator().manual_seed(0))
+    means = torch.stack([x[labels == c].mean(0) for c in range(4)])
+    assert torch.equal(torch.cdist(x, means).argmin(1), labels)
+    assert labels.tolist() == [2, 0, 1, 0, 0, 3, 1, 3]
+    line = torch.tensor([[5.0], [0.0], [1.0], [3.0], [1.0], [1.0], [1.0], [3.0]])
+    assert kmeans(line, 3, torch.Generator().manual_seed(0)).tolist() == [2, 0, 0, 1, 0, 0, 0, 1]  # {5} stays at 5
+    assert kmeans(torch.tensor([[0.0], [0.0], [1.0], [1.0]]), 3, torch.Generator().manual_seed(0)).tolist() == [0, 0, 1, 1]
 
 
 @fast
