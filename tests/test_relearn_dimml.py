@@ -17,7 +17,7 @@ from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.methods import METHODS
 from heads.methods.dimml import certainty_weights, discriminative_dims, duc_term
-from heads.methods.relearn import holdout_rows, kmeans, min_max_scaled, purity, reset_due
+from heads.methods.relearn import Relearn, RelearnOptions, holdout_rows, kmeans, min_max_scaled, purity, reset_due
 from heads.train.config import TrainConfig, build_model
 from heads.train.trainer import Trainer, fit
 
@@ -280,6 +280,16 @@ def test_relearn_diagnoses_only_the_rows_that_have_the_modality():
     no_a = Trainer(data_of(absent={"a": list(range(30))}), cfg_of("relearn", options={"diagnose_split": "val"})).model
     alphas = no_a.diagnose()  # the first modality without rows: a gets 0, v is still diagnosed
     assert alphas["a"] == 0.0 and set(alphas) == {"a", "v"} and "relearn_purity_train_v" in no_a.last
+
+
+@fast
+def test_relearn_itself_refuses_a_holdout_outside_the_open_unit_interval():
+    """Built directly (the Python API, no option parsing): --holdout 0, 1 and 1.5 are refused by Relearn itself."""
+    spec, cfg = data_of().spec, cfg_of("relearn")
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(OptionError, match=rf"--holdout must lie in \(0, 1\), got {bad}"):
+            Relearn(spec, cfg, RelearnOptions(holdout=bad))
+    assert Relearn(spec, cfg, RelearnOptions(holdout=0.99)).opts.holdout == 0.99
 
 
 # === dimml (§14) ==================================================================================
