@@ -323,6 +323,11 @@ def test_dimml_dimension_selection_on_a_toy_set():
     assert discriminative_dims(h_a, y, 3).tolist() == [True, False]
     # accuracy strictly above the mean: equal accuracies select nothing
     assert discriminative_dims(torch.stack([10.0 * y, 10.0 * y], 1), y, 2).tolist() == [False, False]
+    # a class of one row: its centre is that row (dim 0: centres 1, 4, every row right; dim 1: centres 1.5,
+    # 0.5, row 0 wrong → accuracies [1, 2/3], mean 5/6); in float64 as in float32
+    one = torch.tensor([[0.0, 0.0], [2.0, 3.0], [4.0, 0.5]])
+    for h in (one, one.double()):
+        assert discriminative_dims(h, torch.tensor([0, 0, 1]), 2).tolist() == [True, False]
 
 
 @fast
@@ -456,6 +461,17 @@ def test_dimml_inference_weighs_the_unimodal_heads_and_f_once_stage2_began():
         torch.testing.assert_close(model.logits(batch), want)
     state = model.state_dict()
     assert int(state["stage"]) == 2 and "top" in state and "selected" in state
+
+
+@fast
+def test_dimml_logs_its_stage_and_once_selected_the_size_of_each_top_set():
+    model = build("dimml")
+    assert model.end_epoch(None) == {"dimml_stage": 1}
+    model.top[0, :3], model.top[1, 2:7] = True, True
+    assert model.end_epoch(None) == {"dimml_stage": 1}  # not selected yet: no sizes
+    model.selected.fill_(True)
+    model.stage.fill_(2)
+    assert model.end_epoch(None) == {"dimml_stage": 2, "dimml_top_a": 3, "dimml_top_v": 5}
 
 
 @fast
