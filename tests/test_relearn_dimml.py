@@ -405,6 +405,12 @@ def test_dimml_missing_rows_leave_each_unimodal_ce_and_pair_to_the_samples_that_
     extra = (duc_term(h["v"][keep], h["a"][keep], model.top[0] & ~model.top[1], model.opts.tau)
              + duc_term(h["a"][keep], h["v"][keep], model.top[1] & ~model.top[0], model.opts.tau))
     torch.testing.assert_close(model.loss(batch), want + extra)
+    model.duc = False
+    lone = batch_of(seed=2, absent={"v": [0, 1, 2, 3, 4]})  # one row has v: its CE is divided by 1
+    h = {m: model.proj[m](lone.x[m]) for m in MODS}
+    want = (F.cross_entropy(model.own["a"](h["a"]), lone.y) + F.cross_entropy(model.shared(h["a"]), lone.y)
+            + F.cross_entropy(model.own["v"](h["v"][5:]), lone.y[5:]) + F.cross_entropy(model.shared(h["v"][5:]), lone.y[5:]))
+    torch.testing.assert_close(model.loss(lone), want)
 
 
 @fast
@@ -431,6 +437,16 @@ def test_dimml_stage2_freezes_the_unimodal_learners_trains_f_and_restarts_the_sc
                                       options={"restart_schedule": False}))
     plain.model.start_epoch(101)
     assert "lr_factor" not in plain.model.optimizer.param_groups[0]
+
+
+@fast
+def test_dimml_last_stage1_epoch_is_still_stage1():
+    model = build("dimml", epochs=3)  # stage 1: round(3 · 100 / 150) = 2 epochs
+    assert model.stage1_epochs == 2
+    model.start_epoch(2)
+    assert int(model.stage) == 1 and all(p.requires_grad for p in model.own.parameters())
+    model.start_epoch(3)
+    assert int(model.stage) == 2 and not any(p.requires_grad for p in model.own.parameters())
 
 
 @fast
