@@ -437,6 +437,12 @@ def test_dimml_stage2_freezes_the_unimodal_learners_trains_f_and_restarts_the_sc
                                       options={"restart_schedule": False}))
     plain.model.start_epoch(101)
     assert "lr_factor" not in plain.model.optimizer.param_groups[0]
+    # cosine: stage 2 (epochs 7–9 of 9) anneals over its own 3 epochs; epoch 8 is its 2nd:
+    # factor = ½(1 + cos(π · 1/3)) / ½(1 + cos(π · 7/9))
+    cosine = Trainer(data_of(), cfg_of("dimml", epochs=9, schedule="cosine")).model
+    cosine.start_epoch(8)
+    want = (1 + math.cos(math.pi / 3)) / (1 + math.cos(math.pi * 7 / 9))
+    assert cosine.optimizer.param_groups[0]["lr_factor"] == pytest.approx(want)
 
 
 @fast
@@ -445,6 +451,8 @@ def test_dimml_last_stage1_epoch_is_still_stage1():
     assert model.stage1_epochs == 2
     model.start_epoch(2)
     assert int(model.stage) == 1 and all(p.requires_grad for p in model.own.parameters())
+    batch = batch_of(seed=6)
+    torch.testing.assert_close(model.loss(batch), stage1_by_hand(model, batch, duc=False))
     model.start_epoch(3)
     assert int(model.stage) == 2 and not any(p.requires_grad for p in model.own.parameters())
 
@@ -528,7 +536,7 @@ def test_defaults_are_the_ones_the_sections_say_to_use():
                                                 "stage1_epochs": -1, "restart_schedule": True}
     assert not METHODS["relearn"].stackable and not METHODS["dimml"].stackable
     assert METHODS["relearn"].max_modalities is None and METHODS["dimml"].max_modalities is None
-    assert build("dimml", epochs=1).stage1_epochs == 1 and build("dimml", options={"stage1_epochs": 3}).stage1_epochs == 3
+    assert build("dimml", epochs=1).stage1_epochs == 1 and build("dimml", options={"stage1_epochs": 1}).stage1_epochs == 1
 
 
 # === both: two epochs through the core on the built-in caches ======================================
