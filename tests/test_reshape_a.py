@@ -293,6 +293,11 @@ def test_gblend_estimate_trains_copies_of_each_path_and_leaves_the_model_alone(m
     for epoch in range(1, 6):
         model.start_epoch(epoch)
     assert seen == [1, 3, 5] and model.weights.tolist() == [0.5, 0.25, 0.25]
+    every_third = trainer_of("gblend", super_epoch=3).model
+    seen.clear()
+    for epoch in range(1, 9):
+        every_third.start_epoch(epoch)
+    assert seen == [1, 4, 7]
     monkeypatch.undo()
     parts = model.parts()
     assert {id(p) for p in model.path(parts, "a")} == {id(p) for p in [*model.proj["a"].parameters(), *model.uni["a"].parameters()]}
@@ -321,6 +326,19 @@ def test_gblend_estimate_measures_before_and_after_training_each_copy(monkeypatc
     assert set(seen["b"]) == {"a", "v", MM} and seen["form"] == "paper"
     assert seen["b"][MM] == (pytest.approx(model.measure(model.parts(), fit_part, MM)), pytest.approx(model.measure(model.parts(), held, MM)))
     assert seen["a"]["a"][0] < seen["b"]["a"][0]  # the copy learned on T′ (lr 0.1, one epoch)
+
+
+@fast
+def test_gblend_checkpoints_and_copies_carry_neither_the_data_nor_its_cut():
+    trainer = trainer_of("gblend")
+    model = trainer.model
+    state = model.__getstate__()  # before the cut: nothing to drop
+    assert "_parts" not in state and "_attached" not in state
+    model.split_parts(trainer.ready["train"])
+    assert "_parts" in model.__dict__
+    state = model.__getstate__()
+    assert "_parts" not in state and "_attached" not in state and "weights" in state["_buffers"]
+    assert "_parts" in model.__dict__  # the model itself keeps its cut
 
 
 @fast
