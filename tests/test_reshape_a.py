@@ -342,6 +342,37 @@ def test_gblend_checkpoints_and_copies_carry_neither_the_data_nor_its_cut():
 
 
 @fast
+def test_gblend_estimate_trains_each_copy_on_every_row_of_t_prime_per_epoch_at_the_scheduled_rate(monkeypatch):
+    """Each of the n epochs of a copy visits every row of T′ once, in batches of the run's size; its fresh
+    optimizer runs at the epoch's scheduled rate (step:1:0.5 at epoch 2: 0.1 · 0.5)."""
+    torch.manual_seed(0)
+    trainer = Trainer(data_of(), cfg_of("gblend", schedule="step:1:0.5", options={"super_epoch": 2}))
+    model = trainer.model
+    fit_part, _ = model.split_parts(trainer.ready["train"])
+    seen, optimizers = [], []
+    losses = type(model).head_losses
+
+    def spy(self, parts, batch, heads):
+        if torch.is_grad_enabled():  # the training steps, not the measurements
+            seen.append(batch.index.tolist())
+        return losses(self, parts, batch, heads)
+
+    import heads.methods.gblend as gblend
+    made = gblend.make_optimizer
+    monkeypatch.setattr(type(model), "head_losses", spy)
+    monkeypatch.setattr(gblend, "make_optimizer", lambda params, cfg: optimizers.append(made(params, cfg)) or optimizers[-1])
+    model.estimate(2)
+    n = len(fit_part)
+    per_epoch = math.ceil(n / 6)
+    assert len(seen) == 3 * 2 * per_epoch  # 3 heads × n = 2 epochs
+    for e in range(3 * 2):
+        chunk = seen[e * per_epoch:(e + 1) * per_epoch]
+        assert [len(b) for b in chunk] == [6] * (n // 6) + ([n % 6] if n % 6 else [])
+        assert sorted(sum(chunk, [])) == sorted(fit_part.index.tolist())
+    assert len(optimizers) == 3 and all(g["lr"] == pytest.approx(0.05) for o in optimizers for g in o.param_groups)
+
+
+@fast
 def test_gblend_slice_heads_are_the_concat_slices():
     trainer = trainer_of("gblend", uni_heads="slice")
     model = trainer.model
