@@ -227,7 +227,10 @@ def test_gblend_holds_out_a_stratified_seeded_part_of_train_and_trains_on_the_re
     assert set(split.index.tolist()).isdisjoint(held_part.index.tolist())
     counts = [int((train.y == c).sum()) for c in range(3)]
     assert [int((held_part.y == c).sum()) for c in range(3)] == [round(0.25 * n) for n in counts]
-    with pytest.raises(OptionError, match="--holdout"):
+    drawn = held_out_rows(train.y, 0.25, trainer.cfg.seed + 9)  # the run's seed, offset by 9
+    assert held_part.index.tolist() == drawn.nonzero().squeeze(1).tolist()
+    with pytest.raises(OptionError, match="--holdout 0.0 leaves 0 of 24 training rows held out: choose one that keeps "
+                                          "both parts non-empty"):
         trainer_of("gblend", holdout=0.0).model.split_parts(train)
 
 
@@ -280,6 +283,10 @@ def test_gblend_measures_mean_per_sample_ce_of_a_head_over_the_rows_that_have_it
         want_mm = F.cross_entropy(model.cls(hm), split.y).item()
     assert model.measure(model.parts(), split, "v") == pytest.approx(want_v, rel=1e-5)
     assert model.measure(model.parts(), split, MM) == pytest.approx(want_mm, rel=1e-5)
+    lone = split.with_present({"v": torch.tensor([False] * 6 + [True] + [False] * 3)})  # one row has v: its CE
+    with torch.no_grad():
+        want_lone = F.cross_entropy(model.uni["v"](h[6:7]), split.y[6:7]).item()
+    assert model.measure(model.parts(), lone, "v") == pytest.approx(want_lone, rel=1e-5)
 
 
 @fast
@@ -344,9 +351,9 @@ def test_gblend_checkpoints_and_copies_carry_neither_the_data_nor_its_cut():
 @fast
 def test_gblend_estimate_trains_each_copy_on_every_row_of_t_prime_per_epoch_at_the_scheduled_rate(monkeypatch):
     """Each of the n epochs of a copy visits every row of T′ once, in batches of the run's size; its fresh
-    optimizer runs at the epoch's scheduled rate (step:1:0.5 at epoch 2: 0.1 · 0.5)."""
+    optimizer runs at the epoch's scheduled rate (cosine over 3 epochs, at epoch 2: 0.1 · ½(1 + cos(π/3)))."""
     torch.manual_seed(0)
-    trainer = Trainer(data_of(), cfg_of("gblend", schedule="step:1:0.5", options={"super_epoch": 2}))
+    trainer = Trainer(data_of(), cfg_of("gblend", schedule="cosine", options={"super_epoch": 2}))
     model = trainer.model
     fit_part, _ = model.split_parts(trainer.ready["train"])
     seen, optimizers = [], []
@@ -369,7 +376,7 @@ def test_gblend_estimate_trains_each_copy_on_every_row_of_t_prime_per_epoch_at_t
         chunk = seen[e * per_epoch:(e + 1) * per_epoch]
         assert [len(b) for b in chunk] == [6] * (n // 6) + ([n % 6] if n % 6 else [])
         assert sorted(sum(chunk, [])) == sorted(fit_part.index.tolist())
-    assert len(optimizers) == 3 and all(g["lr"] == pytest.approx(0.05) for o in optimizers for g in o.param_groups)
+    assert len(optimizers) == 3 and all(g["lr"] == pytest.approx(0.075) for o in optimizers for g in o.param_groups)
 
 
 @fast
