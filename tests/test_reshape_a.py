@@ -16,7 +16,7 @@ from heads.blocks.data import DataSpec, HeadData, SplitTensors
 from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.methods import METHODS
-from heads.methods.gblend import MM, blend_weights, held_out_rows
+from heads.methods.gblend import MM, GBlend, GBlendOptions, blend_weights, held_out_rows
 from heads.methods.greedy import advance
 from heads.methods.valuation import copy_counts, gap_difference, sample_values, shapley
 from heads.train.config import TrainConfig, build_model
@@ -333,6 +333,18 @@ def test_gblend_estimate_measures_before_and_after_training_each_copy(monkeypatc
     assert set(seen["b"]) == {"a", "v", MM} and seen["form"] == "paper"
     assert seen["b"][MM] == (pytest.approx(model.measure(model.parts(), fit_part, MM)), pytest.approx(model.measure(model.parts(), held, MM)))
     assert seen["a"]["a"][0] < seen["b"]["a"][0]  # the copy learned on T′ (lr 0.1, one epoch)
+
+
+@fast
+def test_gblend_itself_refuses_a_holdout_outside_zero_to_one_and_starts_with_equal_weights():
+    """Built directly (no option parsing): --holdout −0.1, 1 and 1.5 are refused by GBlend itself, 0 is not
+    (split_parts refuses it once it holds out no row); before the first estimate every head weighs 1/(M + 1)."""
+    spec, cfg = data_of().spec, cfg_of("gblend")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(OptionError, match=rf"--holdout must lie in \[0, 1\), got {bad}"):
+            GBlend(spec, cfg, GBlendOptions(holdout=bad))
+    model = GBlend(spec, cfg, GBlendOptions(holdout=0.0))
+    torch.testing.assert_close(model.weights, torch.full((3,), 1 / 3))
 
 
 @fast
