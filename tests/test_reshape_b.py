@@ -329,6 +329,21 @@ def test_ga_code_leaves_the_gradient_of_the_boosting_term_alone(ga):
 
 
 @fast
+def test_reconboost_logs_the_epoch_means_of_the_boosting_term_and_of_ga():
+    """Two batches of stage 1 (v boosted, a before it), α = 0 so the loss is the boosting term alone: the log
+    holds the mean over the batches of each, ga = mean (softmax f_v − softmax f_a)²."""
+    model = build("reconboost", pretrain_epochs=1, e1=1, e2=1, start=4, alpha=0.0)
+    assert model.current == (1, 1, 1)
+    batches = [make_batch(seed=s) for s in (1, 2)]
+    losses = [float(model.loss(b).detach()) for b in batches]
+    with torch.no_grad():
+        ga = [float(((model.learner("v", b).softmax(-1) - model.learner("a", b).softmax(-1)) ** 2).mean()) for b in batches]
+    out = model.end_epoch(None)
+    assert out["reconboost_boosting"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert out["reconboost_ga"] == pytest.approx(sum(ga) / 2, rel=1e-5) and ga[0] != ga[1]
+
+
+@fast
 def test_rectification_is_ce_of_the_boosted_ensemble_and_inference_drops_absent_learners():
     model = build("reconboost", pretrain_epochs=1, e1=1, e2=1, start=3, boost_init=0.9)
     assert model.current == (2, 0, -1)
