@@ -234,6 +234,7 @@ def test_boosting_is_the_sections_number():
     value = boosting(torch.tensor([[1.0, 0.0]]), torch.tensor([0.6]), torch.tensor([0]), 5.0, 1.0)
     assert float(value) == pytest.approx(0.689176, abs=1e-6)
     assert masked_mean(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([True, True, False])) == 2.0
+    assert masked_mean(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([False, False, True])) == 8.0  # one row: itself
     assert masked_mean(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([False, True])) == 6.0
 
 
