@@ -183,6 +183,9 @@ def test_umt_teacher_accuracy_is_measured_on_the_samples_that_have_the_modality(
         rows = val.present[m]
         pred = t["cls"][m](relu_lin(t["proj"][m].linear, val.x[m])).argmax(-1)
         assert acc[m] == pytest.approx(100 * float((pred == val.y)[rows].float().mean()))
+    model.cfg.eval_batch_size = 3  # three batches (3 + 3 + 2 rows): the counts add up over them
+    assert model.teacher_accuracy() == pytest.approx(acc)
+    model.cfg.eval_batch_size = 0
     out = model.end_epoch(None)
     assert out == {"umt_phase": 1, "umt_teacher_acc_a": acc["a"], "umt_teacher_acc_v": acc["v"]}
     assert set(model.best_teachers) == {"a", "v"}
@@ -367,6 +370,10 @@ def test_pretraining_is_the_sum_of_unimodal_ces_through_the_shared_head():
                    for m in "av")
     assert float(loss) == pytest.approx(float(expected), rel=1e-6) and grads["beta"] is None
     assert model.end_epoch(None) == {"reconboost_phase": 0, "reconboost_learner": -1, "reconboost_beta": 1.0}
+    # f_m = H(P_m(x_m)), H = Linear → ReLU → Linear (the official shared head)
+    h = relu_lin(model.proj["a"].linear, b.x["a"])
+    want = relu_lin(model.head[0], h) @ model.head[2].weight.T + model.head[2].bias
+    torch.testing.assert_close(model.learner("a", b), want)
 
 
 @fast
