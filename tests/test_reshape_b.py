@@ -126,8 +126,9 @@ def test_umt_switch_loads_each_teachers_best_epoch_freezes_it_and_trains_the_stu
     model.end_epoch(None)
     model.start_epoch(3)
     assert model.phase == 2
-    assert all((p == 1.0).all() for p in model.teacher_module("a").parameters())
-    assert all((p == 2.0).all() for p in model.teacher_module("v").parameters())
+    teachers = model.teachers
+    assert all((p == 1.0).all() for p in [*teachers["proj"]["a"].parameters(), *teachers["cls"]["a"].parameters()])
+    assert all((p == 2.0).all() for p in [*teachers["proj"]["v"].parameters(), *teachers["cls"]["v"].parameters()])
     assert not any(p.requires_grad for p in model.teachers.parameters())
     student = {id(p) for p in [*model.proj.parameters(), *model.cls.parameters()]}
     assert {id(p) for g in model.optimizer.param_groups for p in g["params"]} == student
@@ -153,8 +154,21 @@ def test_umt_student_loss_is_ce_plus_lambda_mse_and_teachers_get_no_gradient():
     assert all(grads[n] is None for n in grads if n.startswith("teachers."))
     assert all(torch.equal(p, before[n]) for n, p in model.teachers.named_parameters())
     assert not model.teachers.training
-    out = model.end_epoch(None)
+    def distilled(batch):
+        with torch.no_grad():
+            return {m: float(((relu_lin(model.proj[m].linear, batch.x[m]) - relu_lin(model.teachers["proj"][m].linear,
+                                                                                    batch.x[m]))[batch.present[m]] ** 2).mean())
+                    for m in "av"}
+
+    first = distilled(b)  # before the second batch, with the parameters the first one saw (step off)
+    assert model.end_epoch(None)["umt_distill_a"] == pytest.approx(first["a"], rel=1e-5)  # one batch so far
+    second_batch = make_batch(seed=3)
+    second = distilled(second_batch)
+    model.loss(second_batch)
+    out = model.end_epoch(None)  # the epoch means over the two batches
     assert out["umt_phase"] == 2 and out["umt_distill_v"] > 0
+    for m in "av":
+        assert out[f"umt_distill_{m}"] == pytest.approx((first[m] + second[m]) / 2, rel=1e-5)
 
 
 @fast
@@ -186,6 +200,12 @@ def test_umt_teacher_accuracy_is_measured_on_the_samples_that_have_the_modality(
     model.cfg.eval_batch_size = 3  # three batches (3 + 3 + 2 rows): the counts add up over them
     assert model.teacher_accuracy() == pytest.approx(acc)
     model.cfg.eval_batch_size = 0
+    lone = split_of(SPEC2, 8, 5)
+    lone.present["v"][1:] = False  # one validation row has v: its accuracy is 0 or 100
+    model.attach(split_of(SPEC2, 8, 4), lone)
+    pred = t["cls"]["v"](relu_lin(t["proj"]["v"].linear, lone.x["v"][:1])).argmax(-1)
+    assert model.teacher_accuracy()["v"] == 100.0 * float(pred[0] == lone.y[0])
+    model.attach(split_of(SPEC2, 8, 4), val)
     out = model.end_epoch(None)
     assert out == {"umt_phase": 1, "umt_teacher_acc_a": acc["a"], "umt_teacher_acc_v": acc["v"]}
     assert set(model.best_teachers) == {"a", "v"}
