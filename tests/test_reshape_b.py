@@ -169,6 +169,11 @@ def test_umt_student_loss_is_ce_plus_lambda_mse_and_teachers_get_no_gradient():
     assert out["umt_phase"] == 2 and out["umt_distill_v"] > 0
     for m in "av":
         assert out[f"umt_distill_{m}"] == pytest.approx((first[m] + second[m]) / 2, rel=1e-5)
+    no_a = make_batch(seed=4, absent={"a": range(6)})  # nobody has a: v is still distilled
+    h_v = relu_lin(model.proj["v"].linear, no_a.x["v"])
+    ce = F.cross_entropy(torch.cat([torch.zeros_like(h_v), h_v], 1) @ model.cls.weight.T + model.cls.bias, no_a.y)
+    mse_v = ((h_v - relu_lin(model.teachers["proj"]["v"].linear, no_a.x["v"])) ** 2).mean()
+    assert float(model.loss(no_a).detach()) == pytest.approx(float(ce + 10 * mse_v), rel=1e-6)
 
 
 @fast
