@@ -16,6 +16,7 @@ from heads.blocks.data import DataSpec, HeadData, SplitTensors
 from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.methods import METHODS
+from heads.methods.base import encode
 from heads.methods.gblend import MM, GBlend, GBlendOptions, blend_weights, held_out_rows
 from heads.methods.greedy import advance
 from heads.methods.valuation import copy_counts, gap_difference, sample_values, shapley
@@ -437,6 +438,9 @@ def test_greedy_cares_for_the_second_modality_when_d_is_negative_and_waits_withi
     state = state_of()
     advance(state, t(0.0102, 0.01), t(0.01, 0.01), True, 0.01, 5)  # d = log10(1.02) = 0.0086 ≤ ε
     assert not bool(state["curating"])
+    state = state_of()
+    advance(state, t(0.01, 0.01), t(0.01, 0.01), True, 0.0, 5)  # spread 0 = ε: strictly above is needed
+    assert not bool(state["curating"])
     state = state_of(3)  # M = 3: the spread max − min, the argmax cared for
     advance(state, t(0.01, 0.03, 0.02), t(0.01, 0.01, 0.01), True, 0.01, 5)
     assert bool(state["curating"]) and int(state["caring"]) == 1
@@ -473,6 +477,9 @@ def test_greedy_curated_gate_is_the_running_mean_and_cuts_the_squeeze_gradient()
     assert model.squeeze.weight.grad is None or model.squeeze.weight.grad.abs().sum() == 0
     assert model.curated.tolist() == [1, 0]
     with torch.no_grad():
+        model.gated(batch)
+    assert model.curated.tolist() == [2, 0]  # counted over the epoch's forwards
+    with torch.no_grad():
         model.curating.fill_(False)
     model.zero_grad()
     h = model.gated(batch)
@@ -503,6 +510,20 @@ def test_greedy_running_mean_of_each_excitation_in_training_only():
     model.eval()
     model.gated(b1)
     assert int(model.forwards) == 2 and torch.equal(model.running[0], want["a"])
+    # over the rows that have the modality: one row of v, then none (ē_v unchanged, the forward still counts)
+    fresh = trainer_of("greedy").model
+    fresh.train()
+    split = trainer.ready["train"].take(torch.arange(6))
+    one = split.with_present({"v": torch.tensor([False, False, True, False, False, False])}).batch(torch.arange(6))
+    none = split.with_present({"v": torch.zeros(6, dtype=torch.bool)}).batch(torch.arange(6))
+    with torch.no_grad():
+        h = encode(fresh.proj, one)
+        e_v = torch.sigmoid(fresh.excite["v"](torch.relu(fresh.squeeze(torch.cat([h["a"], h["v"]], 1)))))
+        fresh.gated(one)
+        torch.testing.assert_close(fresh.running[1], e_v[2])
+        fresh.gated(none)
+        torch.testing.assert_close(fresh.running[1], e_v[2])
+    assert int(fresh.forwards) == 2
 
 
 @fast
@@ -542,6 +563,12 @@ def test_greedy_loss_sums_each_modalitys_ce_and_predicts_the_mean_present_logit(
         want = F.cross_entropy(la, batch.y) + F.cross_entropy(lv[keep], batch.y[keep])
         torch.testing.assert_close(model.loss(batch), want)
     assert model.squeeze.out_features == 2 * 2 * D // 4
+    lone = split.with_present({"v": torch.tensor([False, True, False, False, False, False])}).batch(torch.arange(6))
+    with torch.no_grad():
+        h = model.gated(lone)
+        want = F.cross_entropy(model.cls["a"](h["a"]), lone.y) + F.cross_entropy(model.cls["v"](h["v"][1:2]), lone.y[1:2])
+        torch.testing.assert_close(model.loss(lone), want)  # one row has v: its CE over 1
+    assert trainer_of("greedy", ratio=100.0).model.squeeze.out_features == 1  # int(2 · 2 · 8 / 100) = 0 → at least 1
 
 
 @fast
