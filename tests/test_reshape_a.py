@@ -103,6 +103,7 @@ def test_valuation_modality_level_difference_by_hand():
     assert gap_difference({"a": 1.2, "v": 0.6}, 0.5, "linear")[0] == pytest.approx(0.2)
     assert gap_difference({"a": 1.2, "v": 0.6}, 2.0, "tanh")[0] == pytest.approx(math.tanh(0.8))
     assert gap_difference({"a": 1.2, "v": 0.6}, 2.0, "square")[0] == pytest.approx(0.4 ** 1.5 * 2)
+    assert gap_difference({"a": 0.3}, 1.0, "linear") == (0.0, "a")  # one modality: no pair, no difference
     difference, keep = gap_difference({"a": 1.0, "v": 0.7, "t": 0.4}, 1.0, "linear")
     assert difference == pytest.approx((0.3 + 0.6 + 0.3) / 3 * 2 / 3) and keep == "t"
 
@@ -152,6 +153,24 @@ def test_valuation_copies_are_rebuilt_from_the_original_rows_each_epoch():
         assert torch.equal(split.y[extra], train.y[split.index[extra]])
     phi = model.values(train)
     assert logged["valuation_phi_a"] == pytest.approx(phi["a"].mean().item())
+
+
+@fast
+def test_valuation_logs_phi_over_the_rows_that_have_m_and_copies_one_modality_alone(monkeypatch):
+    """The logged φ̄^m is over the rows that have m (here one row of v); copies of one modality only are still
+    added; with no copy at all the epoch trains on the split itself."""
+    model = trainer_of("valuation", warmup=0).model
+    split = split_of(6, 3).with_present({"v": torch.tensor([False, False, True, False, False, False])})
+    model.epoch_split(1, split)
+    phi = model.values(split)
+    assert model.logged["valuation_phi_v"] == pytest.approx(float(phi["v"][2]))
+    assert model.logged["valuation_phi_a"] == pytest.approx(float(phi["a"].mean()))
+    full = split_of(6, 3)
+    monkeypatch.setattr(type(model), "values", lambda self, train: {"a": torch.ones(6), "v": torch.full((6,), 0.5)})
+    only_v = model.epoch_split(2, full)  # φ^a = 1: no copy; φ^v = 0.5: one copy of each row's v
+    assert len(only_v) == 12 and not only_v.present["a"][6:].any() and only_v.present["v"][6:].all()
+    monkeypatch.setattr(type(model), "values", lambda self, train: {m: torch.ones(6) for m in MODS})
+    assert model.epoch_split(3, full) is full
 
 
 @fast
