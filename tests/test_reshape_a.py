@@ -118,6 +118,43 @@ def test_valuation_modality_level_makes_400_visual_copies_of_1000_rows():
 
 
 @fast
+def test_valuation_modality_level_averages_the_drawn_rows_that_have_m_from_the_torch_stream():
+    """--level modality: ⌊0.2 · N⌋ rows drawn from the run's torch stream, φ̄^m over those of them that have m,
+    then ⌊difference · N⌋ copies of the kept modality drawn from its rows (the same stream), for each --func."""
+    n = 100
+    train = split_of(n, 6).with_present({"v": torch.arange(n) % 2 == 0})
+    phi = {"a": torch.arange(n) / n, "v": 1 - torch.arange(n) / (2 * n)}
+    for func in ("linear", "tanh"):
+        model = trainer_of("valuation", level="modality", func=func).model
+        torch.manual_seed(11)
+        rows = model.copies(train, phi)
+        torch.manual_seed(11)
+        drawn = torch.randint(0, n, (20,))
+        mean = {}
+        for m in MODS:
+            has = train.present[m][drawn]
+            mean[m] = float(phi[m][drawn][has].mean())
+        difference, keep = gap_difference(mean, 1.0, func)
+        candidates = train.present[keep].nonzero().squeeze(1)
+        want = candidates[torch.randint(0, len(candidates), (int(difference * n + 1e-9),))]
+        assert keep == "a" and len(want) > 0 and torch.equal(rows[keep], want) and len(rows["v"]) == 0
+
+
+@fast
+def test_valuation_modality_level_with_a_modality_nobody_or_one_row_has():
+    """Nobody has v: φ̄^v counts as 1 (gap 0), so with φ^a = 1.5 (gap −0.5) v is kept and has no row to copy.
+    One row (3) has v, φ^v = 1: the same gaps, difference 0.5 · 2/3, ⌊(1/3) · 30⌋ = 10 copies of row 3."""
+    model = trainer_of("valuation", level="modality").model
+    phi = {"a": torch.full((30,), 1.5), "v": torch.ones(30)}
+    nobody = split_of(30, 6).with_present({"v": torch.zeros(30, dtype=torch.bool)})
+    rows = model.copies(nobody, phi)
+    assert len(rows["a"]) == 0 and len(rows["v"]) == 0
+    one = split_of(30, 6).with_present({"v": torch.arange(30) == 3})
+    rows = model.copies(one, phi)
+    assert len(rows["a"]) == 0 and rows["v"].tolist() == [3] * 10
+
+
+@fast
 def test_valuation_values_are_each_samples_own_from_the_models_subset_predictions():
     """φ from ``logits(batch.only(S))`` per row (not batch 0's, BalanceMM's [BUG]), in eval mode."""
     trainer = trainer_of("valuation")
