@@ -197,6 +197,7 @@ def test_valuation_logs_phi_over_the_rows_that_have_m_and_copies_one_modality_al
     """The logged φ̄^m is over the rows that have m (here one row of v); copies of one modality only are still
     added; with no copy at all the epoch trains on the split itself."""
     model = trainer_of("valuation", warmup=0).model
+    assert model.end_epoch(None) == {}  # nothing logged before the first epoch split
     split = split_of(6, 3).with_present({"v": torch.tensor([False, False, True, False, False, False])})
     model.epoch_split(1, split)
     phi = model.values(split)
