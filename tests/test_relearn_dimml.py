@@ -17,7 +17,7 @@ from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.methods import METHODS
 from heads.methods.dimml import certainty_weights, discriminative_dims, duc_term
-from heads.methods.relearn import holdout_rows, kmeans, min_max_scaled, purity, reset_due
+from heads.methods.relearn import Relearn, RelearnOptions, holdout_rows, kmeans, min_max_scaled, purity, reset_due
 from heads.train.config import TrainConfig, build_model
 from heads.train.trainer import Trainer, fit
 
@@ -149,11 +149,13 @@ def test_relearn_trains_on_the_training_split_minus_its_held_out_rows():
     assert split.index.tolist() == kept.tolist() and model.parts()["held"].index.tolist() == held.tolist()
     seen = torch.cat([b.index for b in split.batches(6, torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == kept.tolist()
+    assert model.parts()["held"] is model.parts()["held"]  # cut once per attach, not at every call
     val = Trainer(data_of(), cfg_of("relearn", options={"diagnose_split": "val"}))
     assert val.model.epoch_split(1, val.ready["train"]) is val.ready["train"]
     assert val.model.diagnosis_splits() == (val.ready["train"], val.ready["val"])
     tiny = Trainer(data_of(), cfg_of("relearn", options={"holdout": 0.01}))
-    with pytest.raises(OptionError, match="--holdout 0.01 holds out no row"):
+    with pytest.raises(OptionError, match="--holdout 0.01 holds out no row of a training split of 30: give a larger "
+                                          "--holdout or --diagnose-split val"):
         tiny.run(1)
 
 
@@ -161,6 +163,8 @@ def test_relearn_trains_on_the_training_split_minus_its_held_out_rows():
 def test_relearn_min_max_scaling_and_kmeans():
     x = torch.tensor([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
     torch.testing.assert_close(min_max_scaled(x), torch.tensor([[-1.0, -1.0], [0.0, -1.0], [1.0, -1.0]]))
+    # a column that does not start at 0, with a span below 1: (x − min) / (max − min) · 2 − 1
+    torch.testing.assert_close(min_max_scaled(torch.tensor([[1.0], [1.25], [1.5]])), torch.tensor([[-1.0], [0.0], [1.0]]))
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     truth = torch.arange(30) % 3
@@ -186,6 +190,39 @@ def test_relearn_lloyd_iterations_move_a_poor_seeding_to_the_clusters(monkeypatc
     monkeypatch.setattr(torch, "rand", lambda *a, **k: next(draws))
     labels = kmeans(line, 2, torch.Generator())
     assert labels.tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
+
+
+@fast
+def test_relearn_kmeans_plus_plus_draws_each_centre_by_its_squared_distance(monkeypatch):
+    """k-means++ by hand, one Lloyd assignment (iterations 1, so the labels show the seeds): first centre 0;
+    with D² = [0, 1, 1] the draw u·ΣD² = 0.5 · 2 = 1 lands on the first cumulative sum above it (right=True):
+    row 2; then D² is the minimum over both centres, so the third centre of the four points is row 2 again."""
+    def seeded(points, k, draws):
+        it = iter(draws)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "randint", lambda *a, **k: next(it))
+            patch.setattr(torch, "rand", lambda *a, **k: next(it))
+            return kmeans(torch.tensor(points).unsqueeze(1), k, torch.Generator(), 1).tolist()
+
+    assert seeded([0.0, 1.0, -1.0], 2, [torch.tensor([0]), torch.tensor(0.5)]) == [0, 0, 1]  # centres 0, −1
+    # D² = [0, 1, 1, 100]: u = 0.5 → 51 → row 3 (point 10); D² ← min(D², (x − 10)²) = [0, 1, 1, 0]:
+    # u = 0.75 → 1.5 → row 2 (point −1). Centres [0, 10, −1].
+    assert seeded([0.0, 1.0, -1.0, 10.0], 3, [torch.tensor([0]), torch.tensor(0.5), torch.tensor(0.75)]) == [0, 0, 2, 1]
+
+
+@fast
+def test_relearn_kmeans_ends_on_the_means_of_its_clusters_and_keeps_an_empty_ones_centre():
+    """Lloyd's fixed point: every row is nearest to the mean of its own cluster (a singleton's centre is its
+    row, not a kept older centre or half of it). Two distinct points, k = 3: the third seed repeats a point,
+    its cluster stays empty (bincount to k) and the labels are those of the two."""
+    x = torch.tensor([[5.3, 4.6], [1.2, 1.7], [1.7, 4.2], [0.5, 3.1], [0.1, 2.8], [2.6, 0.3], [0.5, 5.2], [3.5, 1.4]])
+    labels = kmeans(x, 4, torch.Generator().manual_seed(0))
+    means = torch.stack([x[labels == c].mean(0) for c in range(4)])
+    assert torch.equal(torch.cdist(x, means).argmin(1), labels)
+    assert labels.tolist() == [2, 0, 1, 0, 0, 3, 1, 3]
+    line = torch.tensor([[5.0], [0.0], [1.0], [3.0], [1.0], [1.0], [1.0], [3.0]])
+    assert kmeans(line, 3, torch.Generator().manual_seed(0)).tolist() == [2, 0, 0, 1, 0, 0, 0, 1]  # {5} stays at 5
+    assert kmeans(torch.tensor([[0.0], [0.0], [1.0], [1.0]]), 3, torch.Generator().manual_seed(0)).tolist() == [0, 0, 1, 1]
 
 
 @fast
@@ -240,6 +277,19 @@ def test_relearn_diagnoses_only_the_rows_that_have_the_modality():
     assert len(h) == 15 and y.tolist() == trainer.ready["train"].y[1::2].tolist()
     nobody = Trainer(data_of(absent={"v": list(range(30))}), cfg_of("relearn", options={"diagnose_split": "val"}))
     assert nobody.model.diagnose()["v"] == 0.0  # nobody has v in train: no reset of v
+    no_a = Trainer(data_of(absent={"a": list(range(30))}), cfg_of("relearn", options={"diagnose_split": "val"})).model
+    alphas = no_a.diagnose()  # the first modality without rows: a gets 0, v is still diagnosed
+    assert alphas["a"] == 0.0 and set(alphas) == {"a", "v"} and "relearn_purity_train_v" in no_a.last
+
+
+@fast
+def test_relearn_itself_refuses_a_holdout_outside_the_open_unit_interval():
+    """Built directly (the Python API, no option parsing): --holdout 0, 1 and 1.5 are refused by Relearn itself."""
+    spec, cfg = data_of().spec, cfg_of("relearn")
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(OptionError, match=rf"--holdout must lie in \(0, 1\), got {bad}"):
+            Relearn(spec, cfg, RelearnOptions(holdout=bad))
+    assert Relearn(spec, cfg, RelearnOptions(holdout=0.99)).opts.holdout == 0.99
 
 
 # === dimml (§14) ==================================================================================
@@ -273,6 +323,11 @@ def test_dimml_dimension_selection_on_a_toy_set():
     assert discriminative_dims(h_a, y, 3).tolist() == [True, False]
     # accuracy strictly above the mean: equal accuracies select nothing
     assert discriminative_dims(torch.stack([10.0 * y, 10.0 * y], 1), y, 2).tolist() == [False, False]
+    # a class of one row: its centre is that row (dim 0: centres 1, 4, every row right; dim 1: centres 1.5,
+    # 0.5, row 0 wrong → accuracies [1, 2/3], mean 5/6); in float64 as in float32
+    one = torch.tensor([[0.0, 0.0], [2.0, 3.0], [4.0, 0.5]])
+    for h in (one, one.double()):
+        assert discriminative_dims(h, torch.tensor([0, 0, 1]), 2).tolist() == [True, False]
 
 
 @fast
@@ -350,6 +405,12 @@ def test_dimml_missing_rows_leave_each_unimodal_ce_and_pair_to_the_samples_that_
     extra = (duc_term(h["v"][keep], h["a"][keep], model.top[0] & ~model.top[1], model.opts.tau)
              + duc_term(h["a"][keep], h["v"][keep], model.top[1] & ~model.top[0], model.opts.tau))
     torch.testing.assert_close(model.loss(batch), want + extra)
+    model.duc = False
+    lone = batch_of(seed=2, absent={"v": [0, 1, 2, 3, 4]})  # one row has v: its CE is divided by 1
+    h = {m: model.proj[m](lone.x[m]) for m in MODS}
+    want = (F.cross_entropy(model.own["a"](h["a"]), lone.y) + F.cross_entropy(model.shared(h["a"]), lone.y)
+            + F.cross_entropy(model.own["v"](h["v"][5:]), lone.y[5:]) + F.cross_entropy(model.shared(h["v"][5:]), lone.y[5:]))
+    torch.testing.assert_close(model.loss(lone), want)
 
 
 @fast
@@ -376,6 +437,24 @@ def test_dimml_stage2_freezes_the_unimodal_learners_trains_f_and_restarts_the_sc
                                       options={"restart_schedule": False}))
     plain.model.start_epoch(101)
     assert "lr_factor" not in plain.model.optimizer.param_groups[0]
+    # cosine: stage 2 (epochs 7–9 of 9) anneals over its own 3 epochs; epoch 8 is its 2nd:
+    # factor = ½(1 + cos(π · 1/3)) / ½(1 + cos(π · 7/9))
+    cosine = Trainer(data_of(), cfg_of("dimml", epochs=9, schedule="cosine")).model
+    cosine.start_epoch(8)
+    want = (1 + math.cos(math.pi / 3)) / (1 + math.cos(math.pi * 7 / 9))
+    assert cosine.optimizer.param_groups[0]["lr_factor"] == pytest.approx(want)
+
+
+@fast
+def test_dimml_last_stage1_epoch_is_still_stage1():
+    model = build("dimml", epochs=3)  # stage 1: round(3 · 100 / 150) = 2 epochs
+    assert model.stage1_epochs == 2
+    model.start_epoch(2)
+    assert int(model.stage) == 1 and all(p.requires_grad for p in model.own.parameters())
+    batch = batch_of(seed=6)
+    torch.testing.assert_close(model.loss(batch), stage1_by_hand(model, batch, duc=False))
+    model.start_epoch(3)
+    assert int(model.stage) == 2 and not any(p.requires_grad for p in model.own.parameters())
 
 
 @fast
@@ -406,6 +485,17 @@ def test_dimml_inference_weighs_the_unimodal_heads_and_f_once_stage2_began():
         torch.testing.assert_close(model.logits(batch), want)
     state = model.state_dict()
     assert int(state["stage"]) == 2 and "top" in state and "selected" in state
+
+
+@fast
+def test_dimml_logs_its_stage_and_once_selected_the_size_of_each_top_set():
+    model = build("dimml")
+    assert model.end_epoch(None) == {"dimml_stage": 1}
+    model.top[0, :3], model.top[1, 2:7] = True, True
+    assert model.end_epoch(None) == {"dimml_stage": 1}  # not selected yet: no sizes
+    model.selected.fill_(True)
+    model.stage.fill_(2)
+    assert model.end_epoch(None) == {"dimml_stage": 2, "dimml_top_a": 3, "dimml_top_v": 5}
 
 
 @fast
@@ -446,7 +536,7 @@ def test_defaults_are_the_ones_the_sections_say_to_use():
                                                 "stage1_epochs": -1, "restart_schedule": True}
     assert not METHODS["relearn"].stackable and not METHODS["dimml"].stackable
     assert METHODS["relearn"].max_modalities is None and METHODS["dimml"].max_modalities is None
-    assert build("dimml", epochs=1).stage1_epochs == 1 and build("dimml", options={"stage1_epochs": 3}).stage1_epochs == 3
+    assert build("dimml", epochs=1).stage1_epochs == 1 and build("dimml", options={"stage1_epochs": 1}).stage1_epochs == 1
 
 
 # === both: two epochs through the core on the built-in caches ======================================

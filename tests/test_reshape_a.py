@@ -16,7 +16,8 @@ from heads.blocks.data import DataSpec, HeadData, SplitTensors
 from heads.blocks.loading import load_head_data
 from heads.errors import OptionError
 from heads.methods import METHODS
-from heads.methods.gblend import MM, blend_weights, held_out_rows
+from heads.methods.base import encode
+from heads.methods.gblend import MM, GBlend, GBlendOptions, blend_weights, held_out_rows
 from heads.methods.greedy import advance
 from heads.methods.valuation import copy_counts, gap_difference, sample_values, shapley
 from heads.train.config import TrainConfig, build_model
@@ -102,6 +103,7 @@ def test_valuation_modality_level_difference_by_hand():
     assert gap_difference({"a": 1.2, "v": 0.6}, 0.5, "linear")[0] == pytest.approx(0.2)
     assert gap_difference({"a": 1.2, "v": 0.6}, 2.0, "tanh")[0] == pytest.approx(math.tanh(0.8))
     assert gap_difference({"a": 1.2, "v": 0.6}, 2.0, "square")[0] == pytest.approx(0.4 ** 1.5 * 2)
+    assert gap_difference({"a": 0.3}, 1.0, "linear") == (0.0, "a")  # one modality: no pair, no difference
     difference, keep = gap_difference({"a": 1.0, "v": 0.7, "t": 0.4}, 1.0, "linear")
     assert difference == pytest.approx((0.3 + 0.6 + 0.3) / 3 * 2 / 3) and keep == "t"
 
@@ -113,6 +115,43 @@ def test_valuation_modality_level_makes_400_visual_copies_of_1000_rows():
     rows = model.copies(train, {"a": torch.full((1000,), 1.2), "v": torch.full((1000,), 0.6)})
     assert len(rows["v"]) == 400 and len(rows["a"]) == 0
     assert 0 <= int(rows["v"].min()) and int(rows["v"].max()) < 1000
+
+
+@fast
+def test_valuation_modality_level_averages_the_drawn_rows_that_have_m_from_the_torch_stream():
+    """--level modality: ⌊0.2 · N⌋ rows drawn from the run's torch stream, φ̄^m over those of them that have m,
+    then ⌊difference · N⌋ copies of the kept modality drawn from its rows (the same stream), for each --func."""
+    n = 100
+    train = split_of(n, 6).with_present({"v": torch.arange(n) % 2 == 0})
+    phi = {"a": torch.arange(n) / n, "v": 1 - torch.arange(n) / (2 * n)}
+    for func in ("linear", "tanh"):
+        model = trainer_of("valuation", level="modality", func=func).model
+        torch.manual_seed(11)
+        rows = model.copies(train, phi)
+        torch.manual_seed(11)
+        drawn = torch.randint(0, n, (20,))
+        mean = {}
+        for m in MODS:
+            has = train.present[m][drawn]
+            mean[m] = float(phi[m][drawn][has].mean())
+        difference, keep = gap_difference(mean, 1.0, func)
+        candidates = train.present[keep].nonzero().squeeze(1)
+        want = candidates[torch.randint(0, len(candidates), (int(difference * n + 1e-9),))]
+        assert keep == "a" and len(want) > 0 and torch.equal(rows[keep], want) and len(rows["v"]) == 0
+
+
+@fast
+def test_valuation_modality_level_with_a_modality_nobody_or_one_row_has():
+    """Nobody has v: φ̄^v counts as 1 (gap 0), so with φ^a = 1.5 (gap −0.5) v is kept and has no row to copy.
+    One row (3) has v, φ^v = 1: the same gaps, difference 0.5 · 2/3, ⌊(1/3) · 30⌋ = 10 copies of row 3."""
+    model = trainer_of("valuation", level="modality").model
+    phi = {"a": torch.full((30,), 1.5), "v": torch.ones(30)}
+    nobody = split_of(30, 6).with_present({"v": torch.zeros(30, dtype=torch.bool)})
+    rows = model.copies(nobody, phi)
+    assert len(rows["a"]) == 0 and len(rows["v"]) == 0
+    one = split_of(30, 6).with_present({"v": torch.arange(30) == 3})
+    rows = model.copies(one, phi)
+    assert len(rows["a"]) == 0 and rows["v"].tolist() == [3] * 10
 
 
 @fast
@@ -151,6 +190,25 @@ def test_valuation_copies_are_rebuilt_from_the_original_rows_each_epoch():
         assert torch.equal(split.y[extra], train.y[split.index[extra]])
     phi = model.values(train)
     assert logged["valuation_phi_a"] == pytest.approx(phi["a"].mean().item())
+
+
+@fast
+def test_valuation_logs_phi_over_the_rows_that_have_m_and_copies_one_modality_alone(monkeypatch):
+    """The logged φ̄^m is over the rows that have m (here one row of v); copies of one modality only are still
+    added; with no copy at all the epoch trains on the split itself."""
+    model = trainer_of("valuation", warmup=0).model
+    assert model.end_epoch(None) == {}  # nothing logged before the first epoch split
+    split = split_of(6, 3).with_present({"v": torch.tensor([False, False, True, False, False, False])})
+    model.epoch_split(1, split)
+    phi = model.values(split)
+    assert model.logged["valuation_phi_v"] == pytest.approx(float(phi["v"][2]))
+    assert model.logged["valuation_phi_a"] == pytest.approx(float(phi["a"].mean()))
+    full = split_of(6, 3)
+    monkeypatch.setattr(type(model), "values", lambda self, train: {"a": torch.ones(6), "v": torch.full((6,), 0.5)})
+    only_v = model.epoch_split(2, full)  # φ^a = 1: no copy; φ^v = 0.5: one copy of each row's v
+    assert len(only_v) == 12 and not only_v.present["a"][6:].any() and only_v.present["v"][6:].all()
+    monkeypatch.setattr(type(model), "values", lambda self, train: {m: torch.ones(6) for m in MODS})
+    assert model.epoch_split(3, full) is full
 
 
 @fast
@@ -227,7 +285,10 @@ def test_gblend_holds_out_a_stratified_seeded_part_of_train_and_trains_on_the_re
     assert set(split.index.tolist()).isdisjoint(held_part.index.tolist())
     counts = [int((train.y == c).sum()) for c in range(3)]
     assert [int((held_part.y == c).sum()) for c in range(3)] == [round(0.25 * n) for n in counts]
-    with pytest.raises(OptionError, match="--holdout"):
+    drawn = held_out_rows(train.y, 0.25, trainer.cfg.seed + 9)  # the run's seed, offset by 9
+    assert held_part.index.tolist() == drawn.nonzero().squeeze(1).tolist()
+    with pytest.raises(OptionError, match="--holdout 0.0 leaves 0 of 24 training rows held out: choose one that keeps "
+                                          "both parts non-empty"):
         trainer_of("gblend", holdout=0.0).model.split_parts(train)
 
 
@@ -280,6 +341,10 @@ def test_gblend_measures_mean_per_sample_ce_of_a_head_over_the_rows_that_have_it
         want_mm = F.cross_entropy(model.cls(hm), split.y).item()
     assert model.measure(model.parts(), split, "v") == pytest.approx(want_v, rel=1e-5)
     assert model.measure(model.parts(), split, MM) == pytest.approx(want_mm, rel=1e-5)
+    lone = split.with_present({"v": torch.tensor([False] * 6 + [True] + [False] * 3)})  # one row has v: its CE
+    with torch.no_grad():
+        want_lone = F.cross_entropy(model.uni["v"](h[6:7]), split.y[6:7]).item()
+    assert model.measure(model.parts(), lone, "v") == pytest.approx(want_lone, rel=1e-5)
 
 
 @fast
@@ -293,6 +358,11 @@ def test_gblend_estimate_trains_copies_of_each_path_and_leaves_the_model_alone(m
     for epoch in range(1, 6):
         model.start_epoch(epoch)
     assert seen == [1, 3, 5] and model.weights.tolist() == [0.5, 0.25, 0.25]
+    every_third = trainer_of("gblend", super_epoch=3).model
+    seen.clear()
+    for epoch in range(1, 9):
+        every_third.start_epoch(epoch)
+    assert seen == [1, 4, 7]
     monkeypatch.undo()
     parts = model.parts()
     assert {id(p) for p in model.path(parts, "a")} == {id(p) for p in [*model.proj["a"].parameters(), *model.uni["a"].parameters()]}
@@ -321,6 +391,62 @@ def test_gblend_estimate_measures_before_and_after_training_each_copy(monkeypatc
     assert set(seen["b"]) == {"a", "v", MM} and seen["form"] == "paper"
     assert seen["b"][MM] == (pytest.approx(model.measure(model.parts(), fit_part, MM)), pytest.approx(model.measure(model.parts(), held, MM)))
     assert seen["a"]["a"][0] < seen["b"]["a"][0]  # the copy learned on T′ (lr 0.1, one epoch)
+
+
+@fast
+def test_gblend_itself_refuses_a_holdout_outside_zero_to_one_and_starts_with_equal_weights():
+    """Built directly (no option parsing): --holdout −0.1, 1 and 1.5 are refused by GBlend itself, 0 is not
+    (split_parts refuses it once it holds out no row); before the first estimate every head weighs 1/(M + 1)."""
+    spec, cfg = data_of().spec, cfg_of("gblend")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(OptionError, match=rf"--holdout must lie in \[0, 1\), got {bad}"):
+            GBlend(spec, cfg, GBlendOptions(holdout=bad))
+    model = GBlend(spec, cfg, GBlendOptions(holdout=0.0))
+    torch.testing.assert_close(model.weights, torch.full((3,), 1 / 3))
+
+
+@fast
+def test_gblend_checkpoints_and_copies_carry_neither_the_data_nor_its_cut():
+    trainer = trainer_of("gblend")
+    model = trainer.model
+    state = model.__getstate__()  # before the cut: nothing to drop
+    assert "_parts" not in state and "_attached" not in state
+    model.split_parts(trainer.ready["train"])
+    assert "_parts" in model.__dict__
+    state = model.__getstate__()
+    assert "_parts" not in state and "_attached" not in state and "weights" in state["_buffers"]
+    assert "_parts" in model.__dict__  # the model itself keeps its cut
+
+
+@fast
+def test_gblend_estimate_trains_each_copy_on_every_row_of_t_prime_per_epoch_at_the_scheduled_rate(monkeypatch):
+    """Each of the n epochs of a copy visits every row of T′ once, in batches of the run's size; its fresh
+    optimizer runs at the epoch's scheduled rate (cosine over 3 epochs, at epoch 2: 0.1 · ½(1 + cos(π/3)))."""
+    torch.manual_seed(0)
+    trainer = Trainer(data_of(), cfg_of("gblend", schedule="cosine", options={"super_epoch": 2}))
+    model = trainer.model
+    fit_part, _ = model.split_parts(trainer.ready["train"])
+    seen, optimizers = [], []
+    losses = type(model).head_losses
+
+    def spy(self, parts, batch, heads):
+        if torch.is_grad_enabled():  # the training steps, not the measurements
+            seen.append(batch.index.tolist())
+        return losses(self, parts, batch, heads)
+
+    import heads.methods.gblend as gblend
+    made = gblend.make_optimizer
+    monkeypatch.setattr(type(model), "head_losses", spy)
+    monkeypatch.setattr(gblend, "make_optimizer", lambda params, cfg: optimizers.append(made(params, cfg)) or optimizers[-1])
+    model.estimate(2)
+    n = len(fit_part)
+    per_epoch = math.ceil(n / 6)
+    assert len(seen) == 3 * 2 * per_epoch  # 3 heads × n = 2 epochs
+    for e in range(3 * 2):
+        chunk = seen[e * per_epoch:(e + 1) * per_epoch]
+        assert [len(b) for b in chunk] == [6] * (n // 6) + ([n % 6] if n % 6 else [])
+        assert sorted(sum(chunk, [])) == sorted(fit_part.index.tolist())
+    assert len(optimizers) == 3 and all(g["lr"] == pytest.approx(0.075) for o in optimizers for g in o.param_groups)
 
 
 @fast
@@ -369,6 +495,9 @@ def test_greedy_cares_for_the_second_modality_when_d_is_negative_and_waits_withi
     state = state_of()
     advance(state, t(0.0102, 0.01), t(0.01, 0.01), True, 0.01, 5)  # d = log10(1.02) = 0.0086 ≤ ε
     assert not bool(state["curating"])
+    state = state_of()
+    advance(state, t(0.01, 0.01), t(0.01, 0.01), True, 0.0, 5)  # spread 0 = ε: strictly above is needed
+    assert not bool(state["curating"])
     state = state_of(3)  # M = 3: the spread max − min, the argmax cared for
     advance(state, t(0.01, 0.03, 0.02), t(0.01, 0.01, 0.01), True, 0.01, 5)
     assert bool(state["curating"]) and int(state["caring"]) == 1
@@ -405,6 +534,9 @@ def test_greedy_curated_gate_is_the_running_mean_and_cuts_the_squeeze_gradient()
     assert model.squeeze.weight.grad is None or model.squeeze.weight.grad.abs().sum() == 0
     assert model.curated.tolist() == [1, 0]
     with torch.no_grad():
+        model.gated(batch)
+    assert model.curated.tolist() == [2, 0]  # counted over the epoch's forwards
+    with torch.no_grad():
         model.curating.fill_(False)
     model.zero_grad()
     h = model.gated(batch)
@@ -435,6 +567,20 @@ def test_greedy_running_mean_of_each_excitation_in_training_only():
     model.eval()
     model.gated(b1)
     assert int(model.forwards) == 2 and torch.equal(model.running[0], want["a"])
+    # over the rows that have the modality: one row of v, then none (ē_v unchanged, the forward still counts)
+    fresh = trainer_of("greedy").model
+    fresh.train()
+    split = trainer.ready["train"].take(torch.arange(6))
+    one = split.with_present({"v": torch.tensor([False, False, True, False, False, False])}).batch(torch.arange(6))
+    none = split.with_present({"v": torch.zeros(6, dtype=torch.bool)}).batch(torch.arange(6))
+    with torch.no_grad():
+        h = encode(fresh.proj, one)
+        e_v = torch.sigmoid(fresh.excite["v"](torch.relu(fresh.squeeze(torch.cat([h["a"], h["v"]], 1)))))
+        fresh.gated(one)
+        torch.testing.assert_close(fresh.running[1], e_v[2])
+        fresh.gated(none)
+        torch.testing.assert_close(fresh.running[1], e_v[2])
+    assert int(fresh.forwards) == 2
 
 
 @fast
@@ -474,6 +620,12 @@ def test_greedy_loss_sums_each_modalitys_ce_and_predicts_the_mean_present_logit(
         want = F.cross_entropy(la, batch.y) + F.cross_entropy(lv[keep], batch.y[keep])
         torch.testing.assert_close(model.loss(batch), want)
     assert model.squeeze.out_features == 2 * 2 * D // 4
+    lone = split.with_present({"v": torch.tensor([False, True, False, False, False, False])}).batch(torch.arange(6))
+    with torch.no_grad():
+        h = model.gated(lone)
+        want = F.cross_entropy(model.cls["a"](h["a"]), lone.y) + F.cross_entropy(model.cls["v"](h["v"][1:2]), lone.y[1:2])
+        torch.testing.assert_close(model.loss(lone), want)  # one row has v: its CE over 1
+    assert trainer_of("greedy", ratio=100.0).model.squeeze.out_features == 1  # int(2 · 2 · 8 / 100) = 0 → at least 1
 
 
 @fast

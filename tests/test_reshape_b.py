@@ -126,8 +126,9 @@ def test_umt_switch_loads_each_teachers_best_epoch_freezes_it_and_trains_the_stu
     model.end_epoch(None)
     model.start_epoch(3)
     assert model.phase == 2
-    assert all((p == 1.0).all() for p in model.teacher_module("a").parameters())
-    assert all((p == 2.0).all() for p in model.teacher_module("v").parameters())
+    teachers = model.teachers
+    assert all((p == 1.0).all() for p in [*teachers["proj"]["a"].parameters(), *teachers["cls"]["a"].parameters()])
+    assert all((p == 2.0).all() for p in [*teachers["proj"]["v"].parameters(), *teachers["cls"]["v"].parameters()])
     assert not any(p.requires_grad for p in model.teachers.parameters())
     student = {id(p) for p in [*model.proj.parameters(), *model.cls.parameters()]}
     assert {id(p) for g in model.optimizer.param_groups for p in g["params"]} == student
@@ -153,8 +154,26 @@ def test_umt_student_loss_is_ce_plus_lambda_mse_and_teachers_get_no_gradient():
     assert all(grads[n] is None for n in grads if n.startswith("teachers."))
     assert all(torch.equal(p, before[n]) for n, p in model.teachers.named_parameters())
     assert not model.teachers.training
-    out = model.end_epoch(None)
+    def distilled(batch):
+        with torch.no_grad():
+            return {m: float(((relu_lin(model.proj[m].linear, batch.x[m]) - relu_lin(model.teachers["proj"][m].linear,
+                                                                                    batch.x[m]))[batch.present[m]] ** 2).mean())
+                    for m in "av"}
+
+    first = distilled(b)  # before the second batch, with the parameters the first one saw (step off)
+    assert model.end_epoch(None)["umt_distill_a"] == pytest.approx(first["a"], rel=1e-5)  # one batch so far
+    second_batch = make_batch(seed=3)
+    second = distilled(second_batch)
+    model.loss(second_batch)
+    out = model.end_epoch(None)  # the epoch means over the two batches
     assert out["umt_phase"] == 2 and out["umt_distill_v"] > 0
+    for m in "av":
+        assert out[f"umt_distill_{m}"] == pytest.approx((first[m] + second[m]) / 2, rel=1e-5)
+    no_a = make_batch(seed=4, absent={"a": range(6)})  # nobody has a: v is still distilled
+    h_v = relu_lin(model.proj["v"].linear, no_a.x["v"])
+    ce = F.cross_entropy(torch.cat([torch.zeros_like(h_v), h_v], 1) @ model.cls.weight.T + model.cls.bias, no_a.y)
+    mse_v = ((h_v - relu_lin(model.teachers["proj"]["v"].linear, no_a.x["v"])) ** 2).mean()
+    assert float(model.loss(no_a).detach()) == pytest.approx(float(ce + 10 * mse_v), rel=1e-6)
 
 
 @fast
@@ -183,6 +202,15 @@ def test_umt_teacher_accuracy_is_measured_on_the_samples_that_have_the_modality(
         rows = val.present[m]
         pred = t["cls"][m](relu_lin(t["proj"][m].linear, val.x[m])).argmax(-1)
         assert acc[m] == pytest.approx(100 * float((pred == val.y)[rows].float().mean()))
+    model.cfg.eval_batch_size = 3  # three batches (3 + 3 + 2 rows): the counts add up over them
+    assert model.teacher_accuracy() == pytest.approx(acc)
+    model.cfg.eval_batch_size = 0
+    lone = split_of(SPEC2, 8, 5)
+    lone.present["v"][1:] = False  # one validation row has v: its accuracy is 0 or 100
+    model.attach(split_of(SPEC2, 8, 4), lone)
+    pred = t["cls"]["v"](relu_lin(t["proj"]["v"].linear, lone.x["v"][:1])).argmax(-1)
+    assert model.teacher_accuracy()["v"] == 100.0 * float(pred[0] == lone.y[0])
+    model.attach(split_of(SPEC2, 8, 4), val)
     out = model.end_epoch(None)
     assert out == {"umt_phase": 1, "umt_teacher_acc_a": acc["a"], "umt_teacher_acc_v": acc["v"]}
     assert set(model.best_teachers) == {"a", "v"}
@@ -234,6 +262,7 @@ def test_boosting_is_the_sections_number():
     value = boosting(torch.tensor([[1.0, 0.0]]), torch.tensor([0.6]), torch.tensor([0]), 5.0, 1.0)
     assert float(value) == pytest.approx(0.689176, abs=1e-6)
     assert masked_mean(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([True, True, False])) == 2.0
+    assert masked_mean(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([False, False, True])) == 8.0  # one row: itself
     assert masked_mean(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([False, True])) == 6.0
 
 
@@ -329,6 +358,21 @@ def test_ga_code_leaves_the_gradient_of_the_boosting_term_alone(ga):
 
 
 @fast
+def test_reconboost_logs_the_epoch_means_of_the_boosting_term_and_of_ga():
+    """Two batches of stage 1 (v boosted, a before it), α = 0 so the loss is the boosting term alone: the log
+    holds the mean over the batches of each, ga = mean (softmax f_v − softmax f_a)²."""
+    model = build("reconboost", pretrain_epochs=1, e1=1, e2=1, start=4, alpha=0.0)
+    assert model.current == (1, 1, 1)
+    batches = [make_batch(seed=s) for s in (1, 2)]
+    losses = [float(model.loss(b).detach()) for b in batches]
+    with torch.no_grad():
+        ga = [float(((model.learner("v", b).softmax(-1) - model.learner("a", b).softmax(-1)) ** 2).mean()) for b in batches]
+    out = model.end_epoch(None)
+    assert out["reconboost_boosting"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert out["reconboost_ga"] == pytest.approx(sum(ga) / 2, rel=1e-5) and ga[0] != ga[1]
+
+
+@fast
 def test_rectification_is_ce_of_the_boosted_ensemble_and_inference_drops_absent_learners():
     model = build("reconboost", pretrain_epochs=1, e1=1, e2=1, start=3, boost_init=0.9)
     assert model.current == (2, 0, -1)
@@ -351,6 +395,10 @@ def test_pretraining_is_the_sum_of_unimodal_ces_through_the_shared_head():
                    for m in "av")
     assert float(loss) == pytest.approx(float(expected), rel=1e-6) and grads["beta"] is None
     assert model.end_epoch(None) == {"reconboost_phase": 0, "reconboost_learner": -1, "reconboost_beta": 1.0}
+    # f_m = H(P_m(x_m)), H = Linear → ReLU → Linear (the official shared head)
+    h = relu_lin(model.proj["a"].linear, b.x["a"])
+    want = relu_lin(model.head[0], h) @ model.head[2].weight.T + model.head[2].bias
+    torch.testing.assert_close(model.learner("a", b), want)
 
 
 @fast
