@@ -35,6 +35,8 @@ rank term is zero (equal confidences).
 
 **Training**: the baselines' protocol (FIELD_PROTOCOL), as METHODS-MORE.md says; BalanceMM runs AdamW
 lr 1e-3, batch 32. λ = 0.1 is BalanceMM's (the official MIWAE code uses β/100 with β ∈ {0, 10}).
+At BalanceMM's HEAD its trainer calls the renamed ``Unimodality_Calculate`` and cannot run [BUG]; nothing of it
+is needed here.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ every raw weight 0 → uniform. ``--ogr-form balancemm`` is BalanceMM's ``|ΔG/�
 gain [BUG] (e)), measured here cleanly.
 
 **Held-out part of train.** Once, V = ``--holdout`` of each class's training rows (``round``, drawn with a
-generator seeded by the run's seed, so a resumed run holds out the same rows) and T′ = the rest
+generator seeded by the run's seed + 9 (a stream of its own, not the one the run's initialisation
+started from), so a resumed run holds out the same rows) and T′ = the rest
 **(choice: stratified)**. Every epoch trains on T′ only (``epoch_split``, H2), and the weights never read
 validation or test: the core's validation split only selects the epoch, as for every method.
 
@@ -145,7 +146,7 @@ class GBlend(Concat):
 
     # --- the held-out part and the estimate --------------------------------------------------------
     def split_parts(self, train: SplitTensors) -> tuple[SplitTensors, SplitTensors]:
-        """(T′, V) of the attached training split, drawn once per run (seeded by the run's seed)."""
+        """(T′, V) of the attached training split, drawn once per run (seeded by the run's seed + 9)."""
         cached = self.__dict__.get("_parts")
         if cached is None or cached[0] is not train:
             held = held_out_rows(train.y, self.opts.holdout, self.cfg.seed + 9)

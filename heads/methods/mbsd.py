@@ -37,6 +37,8 @@ the samples that have both (the others get ``w = 0``, still counted in ``1/B``).
 epochs) are ``--modulation-start 1`` / ``--modulation-end 81``; outside the window the loss is
 ``CE(f(h), y)`` alone, as there. **Training**: BalanceMM trains with AdamW lr 1e-3 (§0.3); the tool
 uses its baselines' protocol (FIELD_PROTOCOL), as METHODS-MORE.md says.
+At BalanceMM's HEAD its trainer calls the renamed ``Unimodality_Calculate`` and cannot run [BUG]; nothing of it
+is needed here.
 """
 from __future__ import annotations
 

@@ -43,6 +43,8 @@ M = 3 drops the prototype loss for an OGM-GE-like modulation with subtracted noi
 runs over the code's epochs 0–70 (scripts' ``--modulation_ends 70``, inclusive, 0-based), our 1–71.
 Logged per epoch: ``pmr_proto_acc_<m>``, the prototype classifier's accuracy (%) on the validation
 samples that have m, with the prototypes the epoch trained with.
+At BalanceMM's HEAD its trainer calls the renamed ``Unimodality_Calculate`` and cannot run [BUG]; nothing of it
+is needed here.
 """
 from __future__ import annotations
 
