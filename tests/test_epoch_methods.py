@@ -143,11 +143,13 @@ def test_mses_smoothing_best_epoch_and_patience_by_hand():
     assert track(worse, 0.5, 6, 1, 0.6) == (True, False)  # a stopped modality stops once
 
 
-def test_mses_validation_slice_loss_by_hand():
-    """``ℓ_m`` = mean CE of ``W_m h_m + b/M`` over the validation samples that have m (v absent on two)."""
+@pytest.mark.parametrize("absent", [2, -1])
+def test_mses_validation_slice_loss_by_hand(absent):
+    """``ℓ_m`` = mean CE of ``W_m h_m + b/M`` over the validation samples that have m (v absent on two, or
+    present on one row only: its loss is that row's CE, not half of it)."""
     data = data_of()
-    data.val.present["v"][:2] = False
-    data.val.x["v"][:2] = 0
+    data.val.present["v"][:absent] = False
+    data.val.x["v"][:absent] = 0
     trainer = Trainer(data, cfg_of("mses"))
     model, val = trainer.model, trainer.ready["val"]
     with torch.no_grad():
