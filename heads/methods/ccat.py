@@ -228,7 +228,7 @@ class CCAT(HeadMethod):
         """One step on ``CE + λ L_reg``. Every stage-1 parameter is in the graph of every batch (absent
         directions are masked, not skipped), so the gradient buffers are kept between steps and zeroed in
         place: the same update, without reallocating the M(M−1) blocks' gradients every step (at M = 6,
-        24M parameters; measured alone, the backward and step of a stage-1 epoch took 12% less)."""
+        24M parameters; measured alone, a stage-1 epoch's batch loop took 12% less)."""
         loss, reg = self.pretrain_loss(batch)
         self.step(loss, set_to_none=False)
         self._stats["reg"] += reg.detach()  # stays on the device until the epoch ends
