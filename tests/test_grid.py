@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import cli
 from heads.sweeps import axes as grid_axes
-from heads.sweeps import grid, sweep
+from heads.sweeps import grid, jobs, sweep
 from heads.errors import OptionError
 from heads.train.config import TrainConfig
 from heads.train.trainer import fit, Trainer
@@ -279,7 +279,7 @@ def test_pruning_halves_configs_at_milestones_keeping_seeds_together(pruned):
 
     def score(config, epoch):
         """Mean over seeds of the best validation accuracy up to ``epoch``, from the runs' epochs.csv."""
-        return statistics.mean(max(sweep._csv_column(pruned.folder / r["run"] / "epochs.csv", "val_acc")[:epoch])
+        return statistics.mean(max(jobs.csv_column(pruned.folder / r["run"] / "epochs.csv", "val_acc")[:epoch])
                                for r in by_config[config])
 
     kept_1 = [c for c, rs in by_config.items() if (rs[0]["stopped_at"] or 8) > 1]

@@ -40,9 +40,8 @@ from heads.blocks.device import resolve_device
 from heads.blocks.progress import Progress
 from heads.errors import OptionError
 from heads.sweeps.backends import LOCAL, Backend, RayRunner
-from heads.sweeps.jobs import (Job, RunSpec, add_test_rates, advance, checkpoint_paths, identity, stored_identity,
-                              work)
-from heads.sweeps.jobs import csv_column as _csv_column  # the name tests/test_grid.py reads curves with
+from heads.sweeps.jobs import (Job, RunSpec, add_test_rates, advance, checkpoint_paths, csv_column, identity,
+                              stored_identity, work)
 from heads.sweeps.stacked import advance_stacked, can_stack, stack_key
 from heads.sweeps.tracking import SweepLog
 from heads.sweeps.workers import Workers, default_workers
@@ -157,7 +156,7 @@ class _State:
                 stored = stored_identity(run)
                 if stored == wanted:
                     self.finished[spec.name] = json.loads((run / "results.json").read_text())
-                    self.curve[spec.name] = _csv_column(run / "epochs.csv", "val_acc")
+                    self.curve[spec.name] = csv_column(run / "epochs.csv", "val_acc")
                 else:
                     conflicts.append((spec.name, differences(stored, wanted)))
             if sidecar.exists() and ckpt.exists():
