@@ -165,3 +165,65 @@ def test_train_head_streams_on_in_memory_no(cache, tmp_path):
                                        "--device", "cpu", "--hidden", "8"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "r" / "results.json").exists()
+
+
+def test_the_finite_test_reads_the_exponent_bits_of_float16():
+    """``all_finite`` is numpy's isfinite for float16: the largest finite value and subnormals pass,
+    inf, −inf and NaN fail, wherever they sit (also past the first block of rows)."""
+    from cache.stream import FINITE_ROWS, all_finite
+
+    values = np.zeros((FINITE_ROWS + 3, 2), np.float16)
+    values[0] = [65504, -65504]
+    values[1] = [np.float16(6e-8), -np.float16(6e-8)]
+    assert all_finite(values)
+    for bad in (np.inf, -np.inf, np.nan):
+        broken = values.copy()
+        broken[FINITE_ROWS + 1, 1] = bad
+        assert not all_finite(broken) and not np.isfinite(broken).all()
+    assert all_finite(np.zeros((0, 4), np.float16))
+
+
+@pytest.mark.parametrize("shape", [(40, 1, 3), (40, 2, 3)])
+def test_every_read_path_puts_each_row_in_its_place(tmp_path, shape):
+    """``_read_sorted``'s three paths — consecutive rows straight into ``out``, a dense span through the
+    reused block (consecutive places: ``np.take``; scattered places: fancy), a sparse point read — all
+    give ``out[at[i]] = ds[rows[i]]``, with the same scratch buffer across calls."""
+    import h5py
+
+    from cache.stream import _read_sorted
+
+    data = np.arange(np.prod(shape), dtype=np.float16).reshape(shape)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["x"] = data
+    cases = {"consecutive": (np.arange(5, 25), np.arange(3, 23)),
+             "dense, consecutive places": (np.arange(0, 40, 2), np.arange(20)),
+             "dense, scattered places": (np.arange(0, 40, 2), np.arange(20)[::-1].copy()),
+             "sparse": (np.array([1, 39]), np.array([0, 1]))}
+    scratch = {}
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        for name, (rows, at) in cases.items():
+            out = np.full((25, *shape[1:]), -1, np.float16)
+            _read_sorted(f["x"], rows, out, at, scratch)
+            expected = np.full_like(out, -1)
+            expected[at] = data[rows]
+            assert np.array_equal(out, expected), name
+    assert len(scratch) == 1
+
+
+def test_a_streamed_split_refuses_nan_features_in_one_line_or_zeroes_them(tmp_path):
+    from cache import CacheError
+    from cache.stream import RowReader
+
+    path = tmp_path / "bad"
+    write_arrays(path, dataset="d", backbone="b", features={"a": np.ones((12, 4), np.float32)}, labels=np.arange(12) % 2,
+                 splits=["train"] * 12, class_names=["x", "y"], ids=[f"s{i:02d}" for i in range(12)])
+    plan = plan_splits(path, ("train",))["train"]
+    import h5py
+
+    with h5py.File(path / plan.shards[0], "r+") as f:  # the writer refuses inf: damage the shard after it
+        f["features/a"][int(plan.row[7]), 0, 2] = np.inf
+    with pytest.raises(CacheError, match="NaN or inf value"):
+        RowReader(plan).read(np.arange(12))
+    plan.allow_nonfinite = True
+    out = RowReader(plan).read(np.arange(12))["a"]
+    assert out[7, 0, 2] == 0 and np.isfinite(out).all() and out.sum() == 12 * 4 - 1
