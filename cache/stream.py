@@ -183,7 +183,7 @@ def all_finite(values: np.ndarray) -> bool:
     return True
 
 
-def _read_sorted(ds, rows: np.ndarray, out: np.ndarray, at: np.ndarray, scratch: dict | None = None) -> None:
+def _read_sorted(ds, rows: np.ndarray, out: np.ndarray, at: np.ndarray, scratch: dict) -> None:
     """``out[at[i]] = ds[rows[i]]`` for ascending ``rows`` of one shard's dataset ``ds`` (see the module).
 
     Copies as few times as the rows allow: a span of consecutive rows bound for consecutive places
@@ -201,13 +201,9 @@ def _read_sorted(ds, rows: np.ndarray, out: np.ndarray, at: np.ndarray, scratch:
             ds.read_direct(out, np.s_[start:stop], np.s_[place:place + j - i])
         elif (j - i) * DENSE >= stop - start:
             key = (ds.dtype, ds.shape[1:])
-            if scratch is None or key not in scratch:
-                buffer = np.empty((BLOCK_ROWS, *ds.shape[1:]), ds.dtype)
-                if scratch is not None:
-                    scratch[key] = buffer
-            else:
-                buffer = scratch[key]
-            block = buffer[:stop - start]
+            if key not in scratch:
+                scratch[key] = np.empty((BLOCK_ROWS, *ds.shape[1:]), ds.dtype)
+            block = scratch[key][:stop - start]
             ds.read_direct(block, np.s_[start:stop])
             if consecutive and ds.dtype == out.dtype:
                 np.take(block, rows[i:j] - start, axis=0, out=out[place:place + j - i])
